@@ -1,0 +1,247 @@
+"""Typed job configs (pydantic, ``extra="forbid"``) and their loading from YAML presets.
+
+One model per job, composed of shared sub-models. Variants are values (``guidance: bodybox``), never
+subclasses. A run's resolved config is written next to its outputs, so a run is reproducible from a file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, bad config value). The CLI prints it on one line, no traceback."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+ZYX = tuple[float, float, float]
+ZYXInt = tuple[int, int, int]
+
+
+# ----------------------------------------------------------------------------------------------- shared
+class TrackingConfig(StrictModel):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    experiment: str = Field("anatdiff", description="MLflow experiment name")
+
+
+class PatchConfig(StrictModel):
+    patch_size_zyx: ZYXInt = Field((32, 32, 32), description="patch size in voxels (z, y, x)")
+    window_hu: tuple[float, float] = Field((-1000.0, 1000.0), description="HU window mapped to [0, 1]")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PatchConfig":
+        if any(s < 8 or s % 8 for s in self.patch_size_zyx):
+            raise ValueError(f"patch_size_zyx must be multiples of 8 and >= 8, got {self.patch_size_zyx}")
+        if self.window_hu[0] >= self.window_hu[1]:
+            raise ValueError(f"window_hu must be (low, high) with low < high, got {self.window_hu}")
+        return self
+
+
+class ModelConfig(StrictModel):
+    channels: tuple[int, ...] = Field((16, 32, 64), description="feature channels per UNet level")
+    blocks_per_level: int = Field(1, ge=1, le=4, description="residual blocks per level")
+    time_embed_dim: int = Field(64, ge=8, description="timestep embedding width")
+    guidance: Literal["none", "bodybox", "learned"] = Field(
+        "bodybox", description="per-voxel body coordinates fed to the denoiser")
+    guidance_encoding: Literal["raw", "sincos"] = Field("sincos", description="how coordinates are encoded")
+    guidance_frequencies: int = Field(4, ge=1, le=16, description="sin/cos frequencies per axis")
+    guidance_injection: Literal["concat", "film"] = Field("concat", description="how coordinates enter")
+    guide_checkpoint: str | None = Field(
+        None, description="learned guide: checkpoint path or runs:/<run_id> (guidance: learned)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if not 2 <= len(self.channels) <= 6:
+            raise ValueError(f"channels needs 2 to 6 levels, got {len(self.channels)}")
+        if any(c % 8 for c in self.channels):
+            raise ValueError(f"channels must be multiples of 8 (GroupNorm groups), got {self.channels}")
+        if self.guidance == "learned" and not self.guide_checkpoint:
+            raise ValueError("guidance: learned needs guide_checkpoint (a path or runs:/<run_id>)")
+        return self
+
+
+class DiffusionConfig(StrictModel):
+    timesteps: int = Field(1000, ge=10, description="DDPM steps T")
+    schedule: Literal["cosine", "linear"] = "cosine"
+    prediction: Literal["epsilon", "v"] = "epsilon"
+
+
+class ScalingConfig(StrictModel):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers")
+    use_gpu: bool = Field(False, description="one GPU per worker, nccl, bf16 autocast")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves")
+
+
+# ------------------------------------------------------------------------------------------------- jobs
+class SynthConfig(StrictModel):
+    out: str = Field(..., description="output folder")
+    n: int = Field(8, ge=1, description="number of phantoms")
+    seed: int = Field(0, description="base seed; phantom i uses (seed, i)")
+    format: Literal["nifti", "dicom"] = "nifti"
+    labels: bool = Field(False, description="write BTCV labels + dataset.json (nnU-Net/MSD layout)")
+    spacing_mm: float | None = Field(None, gt=0, description="force one in-plane/slice spacing (else scanner's)")
+    workers: int = Field(0, ge=0, description="processes; 0 = all cores")
+
+
+class PreprocessConfig(StrictModel):
+    input: str = Field(..., description="input folder (NIfTI/NRRD/MHA files, DICOM series, BTCV or MSD layout)")
+    output: str = Field(..., description="output folder for volumes/, labels/, masks/, manifest.parquet")
+    target_spacing_zyx_mm: ZYX = Field((3.0, 3.0, 3.0), description="resampled spacing (z, y, x) in mm")
+    body_threshold_hu: float = Field(-500.0, description="body mask threshold")
+    max_voxels: int = Field(1_200_000_000, ge=1, description="reject headers claiming more voxels")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance (None = all)")
+    tracking: TrackingConfig = TrackingConfig()
+    log_to_mlflow: bool = Field(True, description="record the run (counts, params) in MLflow")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PreprocessConfig":
+        if any(s <= 0 or s > 20 for s in self.target_spacing_zyx_mm):
+            raise ValueError(f"target_spacing_zyx_mm must be in (0, 20] mm, got {self.target_spacing_zyx_mm}")
+        return self
+
+
+class OptimConfig(StrictModel):
+    steps: int = Field(200, ge=1, description="optimizer steps in total")
+    batch_size: int = Field(2, ge=1, description="patches per worker per step")
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+
+
+class PretrainConfig(StrictModel):
+    data: str = Field(..., description="preprocessed folder (holding manifest.parquet)")
+    run_name: str = Field("pretrain", description="Ray run name; rerunning the same name resumes")
+    storage_path: str = Field("runs", description="Ray Train storage (checkpoints): local folder or s3://")
+    objective: Literal["diffusion", "restorative", "none"] = "diffusion"
+    seed: int = 0
+    patches: PatchConfig = PatchConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    optim: OptimConfig = OptimConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
+    log_every: int = Field(10, ge=1, description="steps between metric logs")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance (None = all)")
+    tracking: TrackingConfig = TrackingConfig()
+
+
+class EvaluateConfig(StrictModel):
+    data: str = Field(..., description="preprocessed labeled folder (manifest.parquet with label_path)")
+    pretrain_run_id: str | None = Field(None, description="MLflow run id of the pretrain job")
+    checkpoint: str | None = Field(None, description="or a model.pt path (wins over pretrain_run_id)")
+    protocol: Literal["nonlinear", "linear"] = "nonlinear"
+    feature_timesteps: tuple[int, ...] = Field((50,), description="diffusion timesteps features are taken at")
+    test_fraction: float = Field(0.34, gt=0, lt=1, description="share of patients held out for Dice")
+    head_steps: int = Field(150, ge=1)
+    head_batch_size: int = Field(2, ge=1)
+    head_lr: float = Field(3e-3, gt=0)
+    head_hidden: int = Field(32, ge=4, description="non-linear head width")
+    patch_size_zyx: ZYXInt | None = Field(None, description="default: the pretrain patch size")
+    sw_overlap: float = Field(0.5, ge=0, lt=1, description="sliding-window overlap")
+    compare_random_init: bool = Field(True, description="also evaluate the same head on random weights")
+    seed: int = 0
+    num_cpus: int | None = Field(None, ge=1)
+    tracking: TrackingConfig = TrackingConfig()
+
+
+class DemoConfig(StrictModel):
+    workdir: str = Field("anatdiff-demo", description="where the corpus, volumes and checkpoints go")
+    n_unlabeled: int = Field(16, ge=2)
+    n_labeled: int = Field(9, ge=3)
+    seed: int = 0
+    pretrain: dict[str, Any] = Field(default_factory=dict, description="overrides of the pretrain preset")
+    evaluate: dict[str, Any] = Field(default_factory=dict, description="overrides of the evaluate preset")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: ``source: field a.b: message (got value)``."""
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; remove it or check its spelling"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        got = "" if e["type"] in ("missing",) else f" (got {e.get('input')!r})"
+        if e["type"] == "extra_forbidden":
+            got = ""
+        lines.append(f"{source}: field '{field}': {msg}{got}")
+    return "\n".join(lines)
+
+
+def deep_update(base: dict, updates: dict) -> dict:
+    out = dict(base)
+    for k, v in updates.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_update(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def resolve_preset(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a preset under ``jobs/configs`` (with or without ``.yaml``)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / f"{name_or_path}.yaml", CONFIG_DIR / str(name_or_path)):
+        if cand.is_file():
+            return cand
+    known = ", ".join(sorted(f.stem for f in CONFIG_DIR.glob("*.yaml")))
+    raise UserError(f"config '{name_or_path}' is neither a file nor a preset (presets: {known})")
+
+
+def load_config(model: type[StrictModel], path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> StrictModel:
+    """Read a YAML file (or preset name), apply ``overrides`` (nested dict), validate into ``model``."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        file = resolve_preset(path)
+        source = str(file)
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{file}: not valid YAML: {e}".replace("\n", " ")) from None
+        if not isinstance(data, dict):
+            raise UserError(f"{file}: the top level must be a mapping of field: value")
+    if overrides:
+        data = deep_update(data, overrides)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, source)) from None
+
+
+def parse_set_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["optim.steps=10", "model.guidance=none"]`` -> nested dict with YAML-typed values."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--set expects key=value (e.g. optim.steps=10), got '{item}'")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def dump_config(cfg: StrictModel, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
