@@ -130,6 +130,7 @@ class PretrainConfig(StrictModel):
     optim: OptimConfig = OptimConfig()
     scaling: ScalingConfig = ScalingConfig()
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint (-1: always)")
     log_every: int = Field(10, ge=1, description="steps between metric logs")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance (None = all)")
     tracking: TrackingConfig = TrackingConfig()
@@ -156,11 +157,15 @@ class EvaluateConfig(StrictModel):
 
 class DemoConfig(StrictModel):
     workdir: str = Field("anatdiff-demo", description="where the corpus, volumes and checkpoints go")
-    n_unlabeled: int = Field(16, ge=2)
-    n_labeled: int = Field(9, ge=3)
+    n_unlabeled: int = Field(16, ge=2, description="phantoms in the unlabelled pretraining corpus")
+    n_labeled: int = Field(9, ge=3, description="labelled phantoms for the downstream evaluation")
     seed: int = 0
+    target_spacing_zyx_mm: ZYX = Field((3.0, 3.0, 3.0), description="preprocess spacing (z, y, x) mm")
+    pretrain_preset: str = Field("pretrain-tiny", description="pretrain preset or YAML file")
+    evaluate_preset: str = Field("evaluate-tiny", description="evaluate preset or YAML file")
     pretrain: dict[str, Any] = Field(default_factory=dict, description="overrides of the pretrain preset")
     evaluate: dict[str, Any] = Field(default_factory=dict, description="overrides of the evaluate preset")
+    tracking: TrackingConfig = TrackingConfig()
 
 
 # ----------------------------------------------------------------------------------------------- loading

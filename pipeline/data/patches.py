@@ -1,0 +1,202 @@
+"""Random patches cut from preprocessed volumes by memory map, with the intensity window applied here.
+
+The stream is a pure function of (seed, rank, step): a resumed run sees exactly the batches it would have
+seen, and every worker takes the same number of batches per step (what DDP needs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import UserError
+
+PAD_HU = -1024
+
+
+def scale_hu(image_hu: np.ndarray, window_hu: tuple[float, float]) -> np.ndarray:
+    """Clip HU to ``window_hu`` and map it linearly to [0, 1] float32."""
+    low, high = window_hu
+    return ((np.clip(image_hu, low, high) - low) / (high - low)).astype(np.float32)
+
+
+@dataclass
+class VolumeRef:
+    """One preprocessed volume on disk (paths absolute)."""
+
+    item_id: str
+    image_path: Path
+    mask_path: Path | None
+    label_path: Path | None
+    shape_zyx: tuple[int, int, int]
+    scanner_key: str = "unknown"
+    patient_key: str | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def image(self) -> np.ndarray:
+        if "image" not in self._cache:
+            self._cache["image"] = np.load(self.image_path, mmap_mode="r")
+        return self._cache["image"]
+
+    def mask(self) -> np.ndarray | None:
+        if self.mask_path is None:
+            return None
+        if "mask" not in self._cache:
+            self._cache["mask"] = np.load(self.mask_path, mmap_mode="r")
+        return self._cache["mask"]
+
+    def label(self) -> np.ndarray | None:
+        if self.label_path is None:
+            return None
+        if "label" not in self._cache:
+            self._cache["label"] = np.load(self.label_path, mmap_mode="r")
+        return self._cache["label"]
+
+    def body_bbox_zyx(self) -> tuple[tuple[int, int], ...]:
+        """Inclusive (first, last) voxel of the body along z, y, x (whole volume without a mask)."""
+        if "bbox" not in self._cache:
+            mask = self.mask()
+            if mask is None or not mask.any():
+                self._cache["bbox"] = tuple((0, s - 1) for s in self.shape_zyx)
+            else:
+                box = []
+                for axis in range(3):
+                    other = tuple(a for a in range(3) if a != axis)
+                    idx = np.flatnonzero(np.asarray(mask).any(axis=other))
+                    box.append((int(idx[0]), int(idx[-1])))
+                self._cache["bbox"] = tuple(box)
+        return self._cache["bbox"]
+
+
+def load_volume_refs(data_dir: str | Path, require_labels: bool = False) -> list[VolumeRef]:
+    """Accepted items of ``data_dir/manifest.parquet`` as VolumeRefs (sorted by item id)."""
+    data_dir = Path(data_dir)
+    manifest = data_dir / "manifest.parquet"
+    if not manifest.is_file():
+        raise UserError(f"no manifest.parquet in '{data_dir}': run `anatdiff preprocess` on the corpus first")
+    df = pd.read_parquet(manifest)
+    df = df[df["status"] == "accepted"].sort_values("item_id")
+    if require_labels:
+        df = df[df["label_path"].notna()]
+    if df.empty:
+        what = "accepted labelled" if require_labels else "accepted"
+        raise UserError(f"'{manifest}' lists no {what} volumes")
+
+    def opt(p):
+        return None if p is None or (isinstance(p, float) and np.isnan(p)) else data_dir / p
+
+    refs = []
+    for row in df.itertuples():
+        refs.append(VolumeRef(
+            item_id=row.item_id, image_path=data_dir / row.image_path,
+            mask_path=opt(getattr(row, "mask_path", None)), label_path=opt(row.label_path),
+            shape_zyx=tuple(int(s) for s in row.shape),
+            scanner_key=str(getattr(row, "scanner_key", "unknown") or "unknown"),
+            patient_key=getattr(row, "patient_key", None)))
+    return refs
+
+
+def cut_patch(volume_zyx: np.ndarray, start_zyx: np.ndarray, size_zyx: tuple[int, int, int],
+              fill) -> np.ndarray:
+    """Copy ``volume_zyx[start : start + size]``, padding with ``fill`` where the window leaves the volume.
+
+    Reads only the window from a memory-mapped array.
+    """
+    start = np.asarray(start_zyx, dtype=int)
+    size = np.asarray(size_zyx, dtype=int)
+    shape = np.asarray(volume_zyx.shape)
+    out = np.full(tuple(size), fill, dtype=volume_zyx.dtype)
+    lo = np.maximum(start, 0)
+    hi = np.minimum(start + size, shape)
+    if np.any(hi <= lo):
+        return out
+    src = tuple(slice(a, b) for a, b in zip(lo, hi))
+    dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
+    out[dst] = volume_zyx[src]
+    return out
+
+
+def bodybox_coords(shape_zyx, bbox_zyx, offset_zyx) -> np.ndarray:
+    """(3, D, H, W) float32: each voxel's position normalized to the body box (0 at first, 1 at last voxel).
+
+    ``offset_zyx`` is the patch's first voxel in the volume. Channel order z, y, x.
+    """
+    grids = []
+    for axis, (n, (first, last), off) in enumerate(zip(shape_zyx, bbox_zyx, offset_zyx)):
+        idx = np.arange(off, off + n, dtype=np.float32)
+        vals = (idx - first) / max(last - first, 1)
+        view = [1, 1, 1]
+        view[axis] = n
+        grids.append(np.broadcast_to(vals.reshape(view), tuple(shape_zyx)))
+    return np.stack(grids).astype(np.float32)
+
+
+def _random_start(ref: VolumeRef, size_zyx, rng: np.random.Generator, foreground: bool) -> np.ndarray:
+    """Patch start so that its centre is a body voxel (or an organ voxel when ``foreground``)."""
+    size = np.asarray(size_zyx)
+    label = ref.label() if foreground else None
+    if label is not None:
+        key = "fg_idx"
+        if key not in ref._cache:
+            ref._cache[key] = np.argwhere(np.asarray(label) > 0)
+        fg = ref._cache[key]
+        if len(fg):
+            return fg[rng.integers(len(fg))] - size // 2
+    box = ref.body_bbox_zyx()
+    mask = ref.mask()
+    centre = None
+    for _ in range(20):
+        centre = np.array([rng.integers(lo, hi + 1) for lo, hi in box])
+        if mask is None or mask[tuple(centre)]:
+            break
+    return centre - size // 2
+
+
+def sample_patch(ref: VolumeRef, size_zyx, window_hu, rng: np.random.Generator,
+                 foreground_prob: float = 0.0) -> dict[str, np.ndarray]:
+    """One patch: ``image`` (1, D, H, W) in [0, 1], ``coords`` (3, D, H, W) body-box, ``mask`` (D, H, W)
+    bool, and ``label`` (D, H, W) int64 when the volume is labelled."""
+    foreground = ref.label_path is not None and rng.random() < foreground_prob
+    start = _random_start(ref, size_zyx, rng, foreground)
+    out = {
+        "image": scale_hu(cut_patch(ref.image(), start, size_zyx, PAD_HU), window_hu)[None],
+        "coords": bodybox_coords(size_zyx, ref.body_bbox_zyx(), start),
+        "start": start.astype(np.int64),
+    }
+    mask = ref.mask()
+    out["mask"] = (cut_patch(mask, start, size_zyx, 0) > 0) if mask is not None else \
+        np.ones(size_zyx, dtype=bool)
+    if ref.label_path is not None:
+        out["label"] = cut_patch(ref.label(), start, size_zyx, 0).astype(np.int64)
+    return out
+
+
+class PatchStream:
+    """Deterministic batches of random patches for one worker of ``world_size``.
+
+    ``batch(step)`` depends only on (seed, rank, step); volumes are drawn uniformly, or balanced over
+    ``scanner_key`` when ``balance_scanners``.
+    """
+
+    def __init__(self, refs: list[VolumeRef], patch_size_zyx, window_hu, seed: int = 0, rank: int = 0,
+                 foreground_prob: float = 0.0, balance_scanners: bool = False):
+        if not refs:
+            raise UserError("the patch stream got no volumes")
+        self.refs, self.size, self.window = refs, tuple(patch_size_zyx), tuple(window_hu)
+        self.seed, self.rank, self.foreground_prob = seed, rank, foreground_prob
+        weights = np.ones(len(refs))
+        if balance_scanners:
+            keys = [r.scanner_key for r in refs]
+            counts = {k: keys.count(k) for k in set(keys)}
+            weights = np.array([1.0 / counts[k] for k in keys])
+        self.p = weights / weights.sum()
+
+    def batch(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.rank, step])
+        picks = rng.choice(len(self.refs), size=batch_size, p=self.p)
+        patches = [sample_patch(self.refs[i], self.size, self.window, rng, self.foreground_prob)
+                   for i in picks]
+        return {k: np.stack([p[k] for p in patches]) for k in patches[0]}

@@ -1,0 +1,172 @@
+"""MLflow access: the only module that imports mlflow.
+
+Runs are created by the driver (before any worker or GPU is taken), metrics are logged by run id from rank 0
+of the training loop, artifacts from the driver at the end. A relative ``sqlite:///mlflow.db`` is made absolute
+so that Ray workers, whose working directory differs, write to the same store.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from pipeline.config import UserError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``uri`` or ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``; relative SQLite paths made absolute."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def _artifact_root_for(uri: str) -> str | None:
+    """For a SQLite store, keep artifacts beside the database file (not in the working directory)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
+
+
+def connect(uri: str | None = None, timeout_s: float = 10.0) -> str:
+    """Point mlflow at the store and check it answers; raise UserError quickly if it does not."""
+    import mlflow
+
+    uri = resolve_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout_s)))
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - any failure here means "unreachable"
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"MLflow tracking server {uri} is unreachable ({msg}); start it or set "
+                        "MLFLOW_TRACKING_URI / tracking.tracking_uri to a reachable store") from None
+    return uri
+
+
+def ensure_experiment(name: str, uri: str) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=_artifact_root_for(uri))
+
+
+def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None,
+              resume_tag: tuple[str, str] | None = None) -> str:
+    """Create a run (or reuse the unfinished one carrying ``resume_tag``) and return its id."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp_id = ensure_experiment(experiment, uri)
+    if resume_tag is not None:
+        key, value = resume_tag
+        found = client.search_runs([exp_id], filter_string=f"tags.`{key}` = '{value}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        if found and found[0].info.status != "FINISHED":
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+    all_tags = dict(tags or {})
+    if resume_tag is not None:
+        all_tags[resume_tag[0]] = resume_tag[1]
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    return run.info.run_id
+
+
+def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+    """Flattened params (``a.b = value``); values already logged with the same value are skipped."""
+    import mlflow
+    from mlflow.entities import Param
+
+    client = mlflow.MlflowClient(uri)
+    existing = client.get_run(run_id).data.params
+    items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items() if k not in existing]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+    import mlflow
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    batch = [Metric(k, float(v), ts, int(step or 0)) for k, v in metrics.items() if v == v]  # drop NaN
+    if batch:
+        mlflow.MlflowClient(uri).log_batch(run_id, metrics=batch)
+
+
+def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v))
+
+
+def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    mlflow.MlflowClient(uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    import mlflow
+
+    mlflow.MlflowClient(uri).set_terminated(run_id, status=status)
+
+
+def download_artifacts(uri: str, run_id: str, artifact_path: str, dst: str | Path) -> Path:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                    dst_path=str(dst))
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot fetch artifact '{artifact_path}' of MLflow run {run_id} from {uri}: "
+                        f"{str(e).splitlines()[0][:200]}") from None
+    return Path(local)
+
+
+def get_run(uri: str, run_id: str):
+    import mlflow
+
+    try:
+        return mlflow.MlflowClient(uri).get_run(run_id)
+    except Exception:  # noqa: BLE001
+        raise UserError(f"MLflow run '{run_id}' not found in {uri}") from None
+
+
+@contextmanager
+def run_status(uri: str, run_id: str) -> Iterator[None]:
+    """Mark the run FINISHED on success, FAILED (or KILLED on Ctrl-C) otherwise."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        end_run(uri, run_id, "KILLED")
+        raise
+    except BaseException:
+        end_run(uri, run_id, "FAILED")
+        raise
+    end_run(uri, run_id, "FINISHED")
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,57 @@
+"""Configs: presets validate, unknown fields and bad values fail naming the field."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import (CONFIG_DIR, DemoConfig, EvaluateConfig, PreprocessConfig, PretrainConfig,
+                             UserError, load_config, parse_set_overrides)
+
+REQUIRED = {"pretrain": {"data": "x"}, "evaluate": {"data": "x"}, "preprocess": {"input": "a", "output": "b"},
+            "demo": {}}
+MODELS = {"pretrain": PretrainConfig, "evaluate": EvaluateConfig, "preprocess": PreprocessConfig,
+          "demo": DemoConfig}
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_preset_validates(preset):
+    job = preset.split("-")[0]
+    cfg = load_config(MODELS[job], preset, REQUIRED[job])
+    assert cfg is not None
+
+
+def test_unknown_field_is_named(tmp_path: Path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("data: x\noptim:\n  stepz: 3\n")
+    with pytest.raises(UserError) as e:
+        load_config(PretrainConfig, f)
+    msg = str(e.value)
+    assert "optim.stepz" in msg and "unknown field" in msg and str(f) in msg
+
+
+def test_bad_value_names_field_and_value():
+    with pytest.raises(UserError) as e:
+        load_config(PretrainConfig, None, {"data": "x", "optim": {"steps": -1}})
+    assert "optim.steps" in str(e.value) and "-1" in str(e.value)
+
+
+def test_patch_size_must_fit_unet():
+    with pytest.raises(UserError, match="patch_size_zyx"):
+        load_config(PretrainConfig, None, {"data": "x", "patches": {"patch_size_zyx": [30, 32, 32]}})
+
+
+def test_learned_guidance_needs_checkpoint():
+    with pytest.raises(UserError, match="guide_checkpoint"):
+        load_config(PretrainConfig, None, {"data": "x", "model": {"guidance": "learned"}})
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(UserError, match="pretrain-tiny"):
+        load_config(PretrainConfig, "no-such-preset")
+
+
+def test_set_overrides_are_typed():
+    assert parse_set_overrides(["optim.steps=10", "model.guidance=none", "x=[1, 2]"]) == {
+        "optim": {"steps": 10}, "model": {"guidance": "none"}, "x": [1, 2]}
+    with pytest.raises(UserError, match="key=value"):
+        parse_set_overrides(["optim.steps"])
