@@ -100,7 +100,7 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int |
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    batch = [Metric(k, float(v), ts, int(step or 0)) for k, v in metrics.items() if v == v]  # drop NaN
+    batch = [Metric(k, float(v), ts, int(step or 0)) for k, v in metrics.items()]  # NaN allowed
     if batch:
         mlflow.MlflowClient(uri).log_batch(run_id, metrics=batch)
 

@@ -1,37 +1,11 @@
 """Patch stream: memory-mapped cuts, padding, body-box coordinates, determinism per (seed, rank, step)."""
 
-from pathlib import Path
-
 import numpy as np
-import pandas as pd
 import pytest
 
+from conftest import write_tiny_corpus
 from pipeline.config import UserError
-from pipeline.data.patches import (PatchStream, bodybox_coords, cut_patch, load_volume_refs, sample_patch,
-                                   scale_hu)
-
-
-def _write_corpus(root: Path, n: int = 3, shape=(20, 24, 28)) -> Path:
-    rows = []
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        (root / "volumes").mkdir(parents=True, exist_ok=True)
-        (root / "masks").mkdir(exist_ok=True)
-        (root / "labels").mkdir(exist_ok=True)
-        vol = rng.integers(-1000, 1000, size=shape).astype(np.int16)
-        mask = np.zeros(shape, np.uint8)
-        mask[4:16, 5:20, 6:22] = 1
-        label = np.zeros(shape, np.uint8)
-        label[8:10, 8:10, 8:10] = 6
-        for name, arr in (("volumes", vol), ("masks", mask), ("labels", label)):
-            np.save(root / name / f"v{i}.npy", arr)
-        rows.append({"item_id": f"v{i}", "status": "accepted", "image_path": f"volumes/v{i}.npy",
-                     "mask_path": f"masks/v{i}.npy", "label_path": f"labels/v{i}.npy", "shape": list(shape),
-                     "scanner_key": "A" if i else "B", "patient_key": None})
-    rows.append({"item_id": "bad", "status": "rejected", "image_path": None, "mask_path": None,
-                 "label_path": None, "shape": None, "scanner_key": None, "patient_key": None})
-    pd.DataFrame(rows).to_parquet(root / "manifest.parquet")
-    return root
+from pipeline.data.patches import PatchStream, cut_patch, load_volume_refs, sample_patch, scale_hu
 
 
 def test_scale_hu_window():
@@ -49,16 +23,8 @@ def test_cut_patch_pads_outside():
     assert out[1, 2, 0] == -7  # y = 5 outside
 
 
-def test_bodybox_coords_golden():
-    c = bodybox_coords((3, 2, 2), ((10, 12), (0, 1), (0, 3)), (10, 0, 2))
-    assert c.shape == (3, 3, 2, 2)
-    np.testing.assert_allclose(c[0, :, 0, 0], [0, 0.5, 1])
-    np.testing.assert_allclose(c[1, 0, :, 0], [0, 1])
-    np.testing.assert_allclose(c[2, 0, 0, :], [2 / 3, 1])
-
-
 def test_refs_skip_rejected_and_find_body_box(tmp_path):
-    refs = load_volume_refs(_write_corpus(tmp_path))
+    refs = load_volume_refs(write_tiny_corpus(tmp_path))
     assert [r.item_id for r in refs] == ["v0", "v1", "v2"]
     assert refs[0].body_bbox_zyx() == ((4, 15), (5, 19), (6, 21))
 
@@ -69,7 +35,7 @@ def test_missing_manifest_is_user_error(tmp_path):
 
 
 def test_patch_content_matches_volume(tmp_path):
-    refs = load_volume_refs(_write_corpus(tmp_path))
+    refs = load_volume_refs(write_tiny_corpus(tmp_path))
     p = sample_patch(refs[0], (8, 8, 8), (-1000, 1000), np.random.default_rng(1))
     z, y, x = p["start"]
     vol = np.load(refs[0].image_path)
@@ -81,7 +47,7 @@ def test_patch_content_matches_volume(tmp_path):
 
 
 def test_stream_is_deterministic_per_rank_and_step(tmp_path):
-    refs = load_volume_refs(_write_corpus(tmp_path))
+    refs = load_volume_refs(write_tiny_corpus(tmp_path))
     a = PatchStream(refs, (8, 8, 8), (-1000, 1000), seed=3, rank=0)
     b = PatchStream(refs, (8, 8, 8), (-1000, 1000), seed=3, rank=0)
     c = PatchStream(refs, (8, 8, 8), (-1000, 1000), seed=3, rank=1)
@@ -91,12 +57,12 @@ def test_stream_is_deterministic_per_rank_and_step(tmp_path):
 
 
 def test_foreground_sampling_hits_organs(tmp_path):
-    refs = load_volume_refs(_write_corpus(tmp_path))
+    refs = load_volume_refs(write_tiny_corpus(tmp_path))
     s = PatchStream(refs, (8, 8, 8), (-1000, 1000), foreground_prob=1.0)
     assert all((s.batch(i, 2)["label"] > 0).any(axis=(1, 2, 3)).all() for i in range(5))
 
 
 def test_scanner_balance_weights(tmp_path):
-    refs = load_volume_refs(_write_corpus(tmp_path))
+    refs = load_volume_refs(write_tiny_corpus(tmp_path))
     s = PatchStream(refs, (8, 8, 8), (-1000, 1000), balance_scanners=True)
     np.testing.assert_allclose(s.p, [0.5, 0.25, 0.25])  # v0 is the only scanner-B volume

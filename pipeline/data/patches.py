@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import UserError
+from pipeline.guide.encoding import bodybox_coords
 
 PAD_HU = -1024
 
@@ -117,21 +118,6 @@ def cut_patch(volume_zyx: np.ndarray, start_zyx: np.ndarray, size_zyx: tuple[int
     dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
     out[dst] = volume_zyx[src]
     return out
-
-
-def bodybox_coords(shape_zyx, bbox_zyx, offset_zyx) -> np.ndarray:
-    """(3, D, H, W) float32: each voxel's position normalized to the body box (0 at first, 1 at last voxel).
-
-    ``offset_zyx`` is the patch's first voxel in the volume. Channel order z, y, x.
-    """
-    grids = []
-    for axis, (n, (first, last), off) in enumerate(zip(shape_zyx, bbox_zyx, offset_zyx)):
-        idx = np.arange(off, off + n, dtype=np.float32)
-        vals = (idx - first) / max(last - first, 1)
-        view = [1, 1, 1]
-        view[axis] = n
-        grids.append(np.broadcast_to(vals.reshape(view), tuple(shape_zyx)))
-    return np.stack(grids).astype(np.float32)
 
 
 def _random_start(ref: VolumeRef, size_zyx, rng: np.random.Generator, foreground: bool) -> np.ndarray:

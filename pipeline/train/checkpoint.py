@@ -1,0 +1,72 @@
+"""Checkpoint files: training state for resume, and the exported model a downstream job loads.
+
+``state.pt``: model, EMA, optimizer, step (the data stream is a function of the step, so it needs no state).
+``model.pt``: EMA weights + the resolved pretrain config, loadable with ``load_pretrained``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import PretrainConfig, UserError
+
+STATE_FILE = "state.pt"
+MODEL_FILE = "model.pt"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DDP / torch.compile wrappers (state-dict keys without prefixes)."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_state(directory: Path, model: nn.Module, ema: nn.Module, optimizer, step: int,
+               cfg: PretrainConfig, extra: dict[str, Any] | None = None) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({
+        "model": unwrap(model).state_dict(),
+        "ema": unwrap(ema).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "config": cfg.model_dump(mode="json"),
+        **(extra or {}),
+    }, directory / STATE_FILE)
+    save_model(directory / MODEL_FILE, ema, cfg, step)
+
+
+def load_state(directory: Path, map_location="cpu") -> dict[str, Any]:
+    return torch.load(directory / STATE_FILE, map_location=map_location, weights_only=False)
+
+
+def save_model(path: Path, model: nn.Module, cfg: PretrainConfig, step: int) -> None:
+    torch.save({"format": "anatdiff.model/1", "state_dict": unwrap(model).state_dict(),
+                "config": cfg.model_dump(mode="json"), "step": step}, path)
+
+
+def load_pretrained(path: str | Path, random_init: bool = False, seed: int = 0) -> tuple[nn.Module, PretrainConfig]:
+    """Rebuild the backbone from ``model.pt``; ``random_init`` keeps the architecture, drops the weights."""
+    from pipeline.train.step import build_model
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise UserError(f"no pretrained model at '{path}'")
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(blob, dict) or blob.get("format") != "anatdiff.model/1":
+        raise UserError(f"'{path}' is not an anatdiff model file (expected format anatdiff.model/1)")
+    cfg = PretrainConfig.model_validate(blob["config"])
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    if not random_init:
+        model.load_state_dict(blob["state_dict"])
+    return model, cfg

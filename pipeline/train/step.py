@@ -1,0 +1,109 @@
+"""The pretraining step as a pure function of (model, batch, schedule): testable without Ray.
+
+Objectives: ``diffusion`` (DDPM denoising, the method), ``restorative`` (Models Genesis: reconstruct the
+original from a corrupted patch) and ``none`` (random init: no training at all).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.config import ModelConfig, OptimConfig, PretrainConfig
+from pipeline.diffusion.objective import diffusion_loss, to_model_range
+from pipeline.diffusion.schedules import DiffusionSchedule
+from pipeline.guide.encoding import encode_coords, encoding_channels
+from pipeline.models.unet3d import build_denoiser
+
+
+def cond_channels(model_cfg: ModelConfig) -> int:
+    """Channels of the per-voxel guidance fed to the denoiser (0 when unguided)."""
+    if model_cfg.guidance == "none":
+        return 0
+    return encoding_channels(model_cfg.guidance_encoding, model_cfg.guidance_frequencies)
+
+
+def build_model(model_cfg: ModelConfig) -> nn.Module:
+    """The denoiser / backbone of a pretraining run: 1 image channel in, 1 channel out."""
+    return build_denoiser(model_cfg, in_channels=1, out_channels=1, cond_channels=cond_channels(model_cfg))
+
+
+def guidance_cond(model_cfg: ModelConfig, coords: torch.Tensor | None) -> torch.Tensor | None:
+    """Encode (B, 3, D, H, W) coordinates as configured; None when unguided."""
+    if model_cfg.guidance == "none" or coords is None:
+        return None
+    return encode_coords(coords, model_cfg.guidance_encoding, model_cfg.guidance_frequencies)
+
+
+def lr_at(step: int, optim: OptimConfig) -> float:
+    """Linear warm-up then cosine decay to 10 % of the peak learning rate."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    span = max(optim.steps - optim.warmup_steps, 1)
+    progress = min((step - optim.warmup_steps) / span, 1.0)
+    return optim.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def make_ema(model: nn.Module) -> nn.Module:
+    ema = copy.deepcopy(model)
+    ema.requires_grad_(False)
+    return ema
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+
+
+def batch_to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True)
+            for k, v in batch.items()}
+
+
+def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: PretrainConfig,
+                 schedule: DiffusionSchedule | None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The objective's loss on one batch (``image`` (B, 1, D, H, W) in [0, 1], ``coords`` (B, 3, ...))."""
+    x0 = to_model_range(batch["image"])
+    cond = guidance_cond(cfg.model, batch.get("coords"))
+    if cfg.objective == "diffusion":
+        def model_fn(x_t, t):
+            return model(x_t, t, cond)
+        loss, _ = diffusion_loss(model_fn, x0, schedule, prediction=cfg.diffusion.prediction)
+        return loss
+    if cfg.objective == "restorative":
+        corrupted = to_model_range(batch["corrupted"])
+        t = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
+        return torch.nn.functional.mse_loss(model(corrupted, t, cond), x0)
+    raise ValueError(f"objective '{cfg.objective}' has no loss")
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               cfg: PretrainConfig, schedule: DiffusionSchedule | None, step: int,
+               autocast_dtype: torch.dtype | None = None) -> StepResult:
+    """One optimizer step: LR schedule, (autocast) forward, backward, clipping, update."""
+    lr = lr_at(step, cfg.optim)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    device_type = batch["image"].device.type
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss = compute_loss(model, batch, cfg, schedule)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    optimizer.step()
+    return StepResult(loss=float(loss.detach()), grad_norm=float(grad_norm), lr=lr)
