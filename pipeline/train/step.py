@@ -70,6 +70,20 @@ class StepResult:
     lr: float
 
 
+def add_objective_inputs(batch: dict[str, np.ndarray], cfg: PretrainConfig, rank: int,
+                         step: int) -> dict[str, np.ndarray]:
+    """Inputs the objective needs beyond the patch: the Models Genesis corruption for ``restorative``.
+
+    Seeded by (seed, rank, step) like the patch stream, so a resumed run sees the same corruptions.
+    """
+    if cfg.objective == "restorative":
+        from pipeline.baselines.restorative import genesis_corrupt_batch
+
+        rng = np.random.default_rng([cfg.seed, rank, step, 1])
+        batch = dict(batch, corrupted=genesis_corrupt_batch(batch["image"], rng).astype(np.float32))
+    return batch
+
+
 def batch_to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True)
             for k, v in batch.items()}
