@@ -1,0 +1,93 @@
+"""The preprocess manifest: one row per item (accepted / rejected) or skipped input file.
+
+Schema in ``MANIFEST_SCHEMA``; columns are documented in docs/dataset-formats.md. Paths are relative to the
+folder holding ``manifest.parquet``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import UserError
+
+MANIFEST_NAME = "manifest.parquet"
+#: default salt of ``patient_key``; set ANATDIFF_PHI_SALT to a secret for real patient data
+DEFAULT_PHI_SALT = "anatdiff-default-salt-v1"
+
+_str, _f3, _i3 = pa.string(), pa.list_(pa.float64()), pa.list_(pa.int64())
+MANIFEST_SCHEMA = pa.schema([
+    ("item_id", _str), ("source", _str), ("files", pa.list_(pa.string())), ("kind", _str),
+    ("status", _str), ("reason", _str),
+    ("spacing_mm", _f3), ("source_shape", _i3), ("target_spacing_mm", _f3), ("shape", _i3),
+    ("origin_xyz_mm", _f3), ("image_path", _str), ("label_path", _str), ("mask_path", _str),
+    ("has_label", pa.bool_()), ("modality", _str), ("scanner_key", _str), ("patient_key", _str),
+])
+COLUMNS = tuple(MANIFEST_SCHEMA.names)
+STATUSES = ("accepted", "rejected", "skipped")
+
+
+def empty_row(**values) -> dict:
+    """A manifest row: every column None (``has_label`` False, ``files`` []), then ``values``."""
+    unknown = set(values) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown manifest columns {sorted(unknown)}; allowed: {COLUMNS}")
+    return {**{c: None for c in COLUMNS}, "files": [], "has_label": False, **values}
+
+
+def skipped_row(rel_path: str, reason: str) -> dict:
+    """The row of an input file that is not an image (status 'skipped')."""
+    return empty_row(source=rel_path, files=[rel_path], status="skipped", reason=reason)
+
+
+def patient_key(patient_id: str | None, salt: str | None = None) -> str | None:
+    """sha256 hex of ``salt + patient_id`` (salt: ANATDIFF_PHI_SALT or the project default); None if no ID.
+    The raw ID never reaches the manifest."""
+    if not patient_id:
+        return None
+    salt = salt if salt is not None else os.environ.get("ANATDIFF_PHI_SALT", DEFAULT_PHI_SALT)
+    return hashlib.sha256(f"{salt}{patient_id}".encode()).hexdigest()
+
+
+def write_manifest(rows: list[dict], out_dir: str | Path) -> Path:
+    """Write ``out_dir/manifest.parquet`` atomically (temporary file, then rename), sorted by status, item_id,
+    source. Raises ValueError for an unknown column or status."""
+    rows = [empty_row(**r) for r in rows]
+    bad = {r["status"] for r in rows} - set(STATUSES)
+    if bad:
+        raise ValueError(f"manifest status must be one of {STATUSES}, got {sorted(bad)}")
+    rows.sort(key=lambda r: (STATUSES.index(r["status"]), r["item_id"] or "", r["source"] or ""))
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    out = Path(out_dir) / MANIFEST_NAME
+    tmp = out.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def read_manifest(out_dir: str | Path) -> pd.DataFrame:
+    """The manifest of a preprocessed folder as a DataFrame (list columns as numpy arrays)."""
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise UserError(f"no {MANIFEST_NAME} in '{out_dir}': run `anatdiff preprocess` first")
+    return pd.read_parquet(path)
+
+
+def reason_class(reason: str | None) -> str:
+    """The part of a reason before its first ':' ("not CT: modality MR" -> "not CT")."""
+    return (reason or "").split(":", 1)[0].strip()
+
+
+def summarize(manifest: pd.DataFrame) -> str:
+    """One line: ``N accepted, M rejected (reason: n, ...), K skipped``."""
+    status = Counter(manifest["status"])
+    reasons = Counter(reason_class(r) for r in manifest.loc[manifest["status"] == "rejected", "reason"])
+    detail = ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items()))
+    return (f"{status['accepted']} accepted, {status['rejected']} rejected"
+            + (f" ({detail})" if detail else "") + f", {status['skipped']} skipped")

@@ -1,0 +1,253 @@
+"""Dataset layouts: which files of an input folder form which CT item (image + optional label).
+
+Recognized (see docs/dataset-formats.md): the BTCV layout (``img/imgNNNN.nii.gz`` + ``label/labelNNNN.nii.gz``),
+the nnU-Net v2 / MSD layout (``dataset.json`` + ``imagesTr/`` + ``labelsTr/``), and any folder of image files
+and DICOM series. Every file under the root ends up either in one item's ``files`` or in ``skipped`` with a
+reason, so the manifest can account for every input file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from pipeline.config import UserError
+
+#: file name endings read as one image file each, longest first
+IMAGE_ENDINGS: dict[str, str] = {".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd", ".mha": "mha",
+                                 ".mhd": "mha"}
+_DICOM_SUFFIXES = {"", ".dcm", ".ima", ".dicom"}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One CT to preprocess. Paths in ``source``/``files`` are relative to the input root (POSIX)."""
+
+    item_id: str
+    source: str
+    files: tuple[str, ...]
+    image: str
+    label: str | None
+    kind: str
+    series_uid: str | None = None
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (what Ray Data passes between tasks)."""
+        out = asdict(self)
+        out["files"] = list(self.files)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Item":
+        return cls(**{**d, "files": tuple(str(f) for f in d["files"])})
+
+
+def image_kind(name: str) -> str | None:
+    """'nifti' / 'nrrd' / 'mha' for an image file name, else None."""
+    low = name.lower()
+    for ending, kind in IMAGE_ENDINGS.items():
+        if low.endswith(ending):
+            return kind
+    return None
+
+
+def _strip_ending(name: str) -> str:
+    low = name.lower()
+    for ending in (*IMAGE_ENDINGS, ".dcm"):
+        if low.endswith(ending):
+            return name[: -len(ending)]
+    return name
+
+
+def make_item_id(source: str) -> str:
+    """``<stem>-<8 hex of sha1(source)>``: filesystem-safe, deterministic, unique per relative source path."""
+    stem = _strip_ending(Path(source.split("#")[0]).name) or "root"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "item"
+    return f"{stem[:60]}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path != root else "."
+
+
+def _mhd_data_files(mhd: Path) -> list[Path]:
+    """The detached pixel file(s) a MetaImage header names (``ElementDataFile``), if they exist."""
+    for line in mhd.read_text(errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ElementDataFile":
+            value = value.strip()
+            data = mhd.parent / value
+            return [data] if value.upper() not in ("LOCAL", "LIST") and data.is_file() else []
+    return []
+
+
+def dicom_series(folder: Path) -> list[tuple[str, list[Path]]]:
+    """(SeriesInstanceUID, slice files sorted by GDCM) for each DICOM series directly in ``folder``."""
+    reader = sitk.ImageSeriesReader()
+    out = []
+    for uid in reader.GetGDCMSeriesIDs(str(folder)):
+        out.append((uid, [Path(f) for f in reader.GetGDCMSeriesFileNames(str(folder), uid)]))
+    return out
+
+
+def _file_item(root: Path, image: Path, label: Path | None, extra: list[Path] = ()) -> Item:
+    source = _rel(image, root)
+    files = [source] + [_rel(p, root) for p in extra] + ([_rel(label, root)] if label else [])
+    kind = image_kind(image.name) or "dicom"
+    return Item(make_item_id(source), source, tuple(files), str(image), str(label) if label else None, kind)
+
+
+def _dicom_items(root: Path, series: list[tuple[str, list[Path]]], folder: Path,
+                 label: Path | None = None) -> list[Item]:
+    """One item per series of ``folder``; a label goes with the first (largest) series."""
+    items = []
+    for uid, files in sorted(series, key=lambda s: -len(s[1])):
+        source = _rel(folder, root) + (f"#{uid}" if len(series) > 1 else "")
+        lab = label if not items else None
+        rel_files = [_rel(f, root) for f in files] + ([_rel(lab, root)] if lab else [])
+        items.append(Item(make_item_id(source), source, tuple(rel_files), str(folder),
+                          str(lab) if lab else None, "dicom", uid))
+    return items
+
+
+def _btcv_items(root: Path, base: Path) -> tuple[list[Item], list[tuple[str, str]]]:
+    """BTCV in ``base``: ``img/imgNNNN.nii.gz`` paired with ``label/labelNNNN.nii.gz`` by number."""
+    img_dir, label_dir = base / "img", base / "label"
+    if not (img_dir.is_dir() and label_dir.is_dir()):
+        return [], []
+    labels = {m.group(1): p for p in sorted(label_dir.iterdir())
+              if (m := re.fullmatch(r"label(\d+)\.nii(\.gz)?", p.name))}
+    items, used = [], set()
+    for p in sorted(img_dir.iterdir()):
+        if m := re.fullmatch(r"img(\d+)\.nii(\.gz)?", p.name):
+            label = labels.get(m.group(1))
+            used.add(label)
+            items.append(_file_item(root, p, label))
+    if not items:
+        return [], []
+    skipped = [(_rel(p, root), "label without image (no img/imgNNNN with its number)")
+               for p in labels.values() if p not in used]
+    return items, skipped
+
+
+def _listed_path(root: Path, entry: object, ds: Path) -> Path:
+    if not isinstance(entry, str):
+        raise UserError(f"{ds}: 'training' entries need 'image'/'label' paths as strings, got {entry!r}")
+    return Path(os.path.normpath(root / entry))
+
+
+def _nnunet_items(root: Path, base: Path) -> tuple[list[Item], list[tuple[str, str]]]:
+    """nnU-Net v2 / MSD in ``base``: ``dataset.json`` + ``imagesTr/`` (+ ``labelsTr/``)."""
+    ds = base / "dataset.json"
+    if not (ds.is_file() and (base / "imagesTr").is_dir()):
+        return [], []
+    try:
+        meta = json.loads(ds.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{ds}: not valid JSON ({e}); fix or remove it") from None
+    skipped = [(_rel(ds, root), "layout metadata (dataset.json)")]
+    pairs: list[tuple[Path, Path | None]] = []
+    if isinstance(meta.get("training"), list) and meta["training"]:
+        for entry in meta["training"]:
+            if not isinstance(entry, dict):
+                raise UserError(f"{ds}: 'training' must list {{image, label}} objects, got {entry!r}")
+            img = _listed_path(base, entry.get("image"), ds)
+            label = _listed_path(base, entry["label"], ds) if entry.get("label") else None
+            if any(p is not None and root not in p.parents for p in (img, label)):
+                raise UserError(f"{ds}: training entry {entry} points outside the input folder '{root}'")
+            if not img.exists():
+                skipped.append((str(entry.get("image")), "listed in dataset.json but missing on disk"))
+                continue
+            pairs.append((img, label if label is not None and label.exists() else None))
+    else:
+        ending = str(meta.get("file_ending", ".nii.gz"))
+        for p in sorted((base / "imagesTr").iterdir()):
+            if p.is_dir() or p.name.endswith("_0000" + ending):
+                case = p.name.removesuffix(ending).removesuffix("_0000")
+                label = base / "labelsTr" / f"{case}{ending}"
+                pairs.append((p, label if label.is_file() else None))
+            elif re.fullmatch(r".+_\d{4}" + re.escape(ending), p.name):
+                skipped.append((_rel(p, root), "extra input channel (only channel _0000 is read as CT)"))
+    items = []
+    for img, label in pairs:
+        items.extend(_dicom_items(root, dicom_series(img), img, label) if img.is_dir()
+                     else [_file_item(root, img, label)])
+    used = {i.label for i in items}
+    if (base / "labelsTr").is_dir():
+        skipped += [(_rel(p, root), "label without image in dataset.json / imagesTr")
+                    for p in sorted((base / "labelsTr").iterdir()) if p.is_file() and str(p) not in used]
+    return items, skipped
+
+
+_LABEL_FOLDERS = {"label", "labels", "labelstr", "labelsts", "segmentations", "masks"}
+
+
+def _skip_reason(name: str, folder_name: str) -> str:
+    if name.startswith("."):
+        return "hidden file"
+    if folder_name.lower() in _LABEL_FOLDERS and image_kind(name):
+        return f"label-like file in '{folder_name}/' outside a BTCV or dataset.json layout"
+    suffix = "".join(Path(name).suffixes[-2:]) or "no extension"
+    return f"not an image file ({suffix})"
+
+
+def _folder_items(root: Path, folder: Path, names: list[str], accounted: set[str]
+                  ) -> tuple[list[Item], list[tuple[str, str]]]:
+    """Image files and DICOM series directly in ``folder`` whose files no layout has claimed yet."""
+    todo = [folder / n for n in names if _rel(folder / n, root) not in accounted]
+    items, skipped = [], []
+    for mhd in (p for p in todo if p.name.lower().endswith(".mhd") and not p.name.startswith(".")):
+        items.append(_file_item(root, mhd, None, _mhd_data_files(mhd)))
+    accounted = accounted | {f for i in items for f in i.files}
+    if any(p.suffix.lower() in _DICOM_SUFFIXES and not image_kind(p.name) and not p.name.startswith(".")
+           for p in todo if _rel(p, root) not in accounted):
+        series = [(uid, files) for uid, files in dicom_series(folder)
+                  if not any(_rel(f, root) in accounted for f in files)]
+        if series:
+            items += _dicom_items(root, series, folder)
+    accounted = accounted | {f for i in items for f in i.files}
+    for p in todo:
+        rel = _rel(p, root)
+        if rel in accounted:
+            continue
+        reason = _skip_reason(p.name, folder.name)
+        if image_kind(p.name) and not reason.startswith(("hidden", "label-like")):
+            items.append(_file_item(root, p, None))
+        elif p.suffix.lower() in _DICOM_SUFFIXES and not reason.startswith("hidden"):
+            skipped.append((rel, "not a readable DICOM image (GDCM found no series in it)"))
+        else:
+            skipped.append((rel, reason))
+    return items, skipped
+
+
+def discover_items(input_root: str | Path) -> tuple[list[Item], list[tuple[str, str]]]:
+    """Items (image + optional label) under ``input_root`` and the files skipped, as (relative path, reason).
+
+    In every folder (top-down) the BTCV and nnU-Net v2 / MSD layouts are tried first; files they do not claim
+    (e.g. ``imagesTs/``) are read as a plain folder. Every file under the root appears in exactly one item's
+    ``files`` or in ``skipped``.
+    Raises UserError when the folder is missing or holds no image.
+    """
+    root = Path(os.path.abspath(input_root))
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise UserError(f"input folder '{input_root}' {what}: pass a folder of CT images (--input)")
+    items, skipped, accounted = [], [], set()
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        for find in (_btcv_items, _nnunet_items, None):
+            found, skip = (find(root, Path(folder)) if find else
+                           _folder_items(root, Path(folder), sorted(names), accounted))
+            found = [i for i in found if not accounted & set(i.files)]
+            items, skipped = items + found, skipped + [s for s in skip if s[0] not in accounted]
+            accounted |= {f for i in found for f in i.files} | {s for s, _ in skip}
+    if not items:
+        raise UserError(f"input folder '{input_root}' holds no CT image (looked for "
+                        f"{', '.join(IMAGE_ENDINGS)} files and DICOM series; {len(skipped)} other files)")
+    return sorted(items, key=lambda i: i.source), sorted(skipped)
