@@ -131,6 +131,8 @@ class PretrainConfig(StrictModel):
     scaling: ScalingConfig = ScalingConfig()
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint (-1: always)")
+    registered_model: str | None = Field(
+        "anatdiff-backbone", description="MLflow registered model for the final weights (alias 'final'); None: skip")
     log_every: int = Field(10, ge=1, description="steps between metric logs")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance (None = all)")
     tracking: TrackingConfig = TrackingConfig()

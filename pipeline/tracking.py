@@ -170,3 +170,23 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def register_model(uri: str, run_id: str, artifact_path: str, name: str, alias: str) -> int:
+    """Register a run's artifact folder as a new version of ``name`` and point ``alias`` at it.
+
+    Our model files are plain PyTorch checkpoints (not an MLflow flavour), so the version is created from the
+    artifact URI directly. Load with ``models:/<name>@<alias>`` (``mlflow.artifacts.download_artifacts``).
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="anatdiff pretrained 3D backbones (model.pt)")
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    version = client.create_model_version(name, source, run_id=run_id)
+    client.set_registered_model_alias(name, alias, version.version)
+    return int(version.version)

@@ -17,7 +17,7 @@ from pipeline import tracking
 from pipeline.config import PretrainConfig, UserError, dump_config
 from pipeline.data.patches import PatchStream, load_volume_refs
 from pipeline.diffusion.schedules import DiffusionSchedule
-from pipeline.train.checkpoint import MODEL_FILE, load_state, save_state, unwrap
+from pipeline.train.checkpoint import MODEL_FILE, load_state, save_model, save_state, unwrap
 from pipeline.train.step import (add_objective_inputs, batch_to_tensors, build_model, ema_update, make_ema,
                                  train_step)
 
@@ -100,9 +100,12 @@ def run_pretrain(cfg: PretrainConfig, config_path: str | None = None) -> dict:
     run_id = tracking.start_run(uri, cfg.tracking.experiment, cfg.run_name,
                                 tags={"anatdiff.job": "pretrain", "anatdiff.guidance": cfg.model.guidance,
                                       "anatdiff.objective": cfg.objective,
-                                      "anatdiff.data": str(data_dir)},
+                                      "anatdiff.data": str(data_dir),
+                                      "anatdiff.manifest_sha256": _file_sha256(data_dir / "manifest.parquet")},
                                 resume_tag=("anatdiff.run_key", f"{storage}/{cfg.run_name}"))
     tracking.log_params(uri, run_id, cfg.model_dump(mode="json") | {"n_volumes": len(refs)})
+    if cfg.objective == "none":
+        return _random_init_run(cfg, uri, run_id)
     init_ray(cfg.num_cpus)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -119,10 +122,34 @@ def run_pretrain(cfg: PretrainConfig, config_path: str | None = None) -> dict:
         if result.checkpoint is None:
             raise UserError(f"pretraining '{cfg.run_name}' ended without a checkpoint")
         with result.checkpoint.as_directory() as d:
-            with tempfile.TemporaryDirectory() as tmp:
-                cfg_file = Path(tmp) / "config.yaml"
-                dump_config(cfg, cfg_file)
-                tracking.log_artifact(uri, run_id, Path(d) / MODEL_FILE, "model")
-                tracking.log_artifact(uri, run_id, cfg_file, "model")
-        tracking.set_tags(uri, run_id, {"anatdiff.checkpoint": result.checkpoint.path})
+            _log_final_model(uri, run_id, Path(d) / MODEL_FILE, cfg, {"anatdiff.checkpoint": result.checkpoint.path})
     return {"run_id": run_id, "tracking_uri": uri, "checkpoint": result.checkpoint.path}
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _log_final_model(uri: str, run_id: str, model_file: Path, cfg: PretrainConfig, tags: dict) -> None:
+    """model.pt + config.yaml under the run's ``model/`` artifacts; registered with alias ``final``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_file = Path(tmp) / "config.yaml"
+        dump_config(cfg, cfg_file)
+        tracking.log_artifact(uri, run_id, model_file, "model")
+        tracking.log_artifact(uri, run_id, cfg_file, "model")
+    if cfg.registered_model:
+        version = tracking.register_model(uri, run_id, "model", cfg.registered_model, "final")
+        tags = tags | {"anatdiff.registered_model": f"{cfg.registered_model}/{version}"}
+    tracking.set_tags(uri, run_id, tags)
+
+
+def _random_init_run(cfg: PretrainConfig, uri: str, run_id: str) -> dict:
+    """``objective: none``: the architecture with random weights, recorded like a trained run (no Ray)."""
+    with tracking.run_status(uri, run_id), tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(cfg.seed)
+        model_file = Path(tmp) / MODEL_FILE
+        save_model(model_file, build_model(cfg.model), cfg, step=0)
+        _log_final_model(uri, run_id, model_file, cfg, {"anatdiff.checkpoint": "random-init"})
+    return {"run_id": run_id, "tracking_uri": uri, "checkpoint": None}
