@@ -1,0 +1,94 @@
+"""Whole-volume coordinates from a trained guide, and the ``guide.pt`` file format.
+
+``guide.pt``: ``{"format": "anatdiff.guide/1", "state_dict", "config": CoordinateGuide.config(), "meta"}``;
+``meta`` is free-form (training step, data, window) and comes back from ``load_guide_meta``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import UserError
+from pipeline.data.patches import PAD_HU, scale_hu
+from pipeline.evaluation.sliding import sliding_window_predict
+from pipeline.guide.model import GUIDE_WINDOW_HU, CoordinateGuide
+
+GUIDE_FORMAT = "anatdiff.guide/1"
+
+
+def save_guide(path: str | Path, model: CoordinateGuide, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``guide.pt`` (weights incl. the axis scale, constructor config, ``meta``); returns the path."""
+    model = getattr(model, "module", model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": GUIDE_FORMAT, "state_dict": model.state_dict(), "config": model.config(),
+                "meta": dict(meta or {})}, path)
+    return path
+
+
+def _read_guide_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "guide.pt"
+    if not path.is_file():
+        raise UserError(f"guide checkpoint '{path}' does not exist (train one with the guide job)")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != GUIDE_FORMAT:
+        got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise UserError(f"'{path}' is not a guide checkpoint: format {got!r}, expected {GUIDE_FORMAT!r}")
+    return payload
+
+
+def load_guide(path: str | Path) -> CoordinateGuide:
+    """Rebuild a ``CoordinateGuide`` from ``guide.pt`` (or a folder holding it), in eval mode on the CPU."""
+    payload = _read_guide_file(path)
+    model = CoordinateGuide(**payload["config"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
+
+
+def load_guide_meta(path: str | Path) -> dict[str, Any]:
+    """The ``meta`` dict stored by ``save_guide``."""
+    return dict(_read_guide_file(path).get("meta", {}))
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int, value: float) -> torch.Tensor:
+    """Pad (B, C, D, H, W) at the far end of each axis with ``value`` to multiples of ``multiple``."""
+    pads = []
+    for s in reversed(x.shape[2:]):
+        pads += [0, (-s) % multiple]
+    return F.pad(x, pads, value=value)
+
+
+def predict_coords(model: CoordinateGuide, volume_hu_zyx: np.ndarray, window_zyx=None,
+                   window_hu=GUIDE_WINDOW_HU, overlap: float = 0.25) -> np.ndarray:
+    """Per-voxel coordinates of a whole volume: (3, D, H, W) float32 in [0, 1], channels (z, y, x).
+
+    volume_hu_zyx: (D, H, W) HU (int16, canonical LPS, at the spacing the guide was trained around).
+    window_zyx: None runs the whole (padded) volume at once; else sliding windows of that size (multiples of
+    ``model.size_multiple``) with ``overlap`` and Gaussian blending. Computed without gradients, in eval mode,
+    on the model's device.
+    """
+    if np.ndim(volume_hu_zyx) != 3:
+        raise ValueError(f"volume_hu_zyx must be (D, H, W), got shape {np.shape(volume_hu_zyx)}")
+    device = next(model.parameters()).device
+    x = torch.from_numpy(scale_hu(np.asarray(volume_hu_zyx), window_hu))[None, None].to(device)
+    shape = x.shape[2:]
+    pad_value = float(scale_hu(np.array(PAD_HU), window_hu))          # air outside the scan
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        if window_zyx is None:
+            out = model.forward_full(_pad_to_multiple(x, model.size_multiple, pad_value))
+        else:
+            window = tuple(int(w) for w in window_zyx)
+            if len(window) != 3 or any(w < 1 or w % model.size_multiple for w in window):
+                raise ValueError(f"window_zyx must be 3 multiples of {model.size_multiple}, got {window_zyx}")
+            out = sliding_window_predict(x, model.forward_full, window, overlap=overlap, pad_value=pad_value)
+    model.train(was_training)
+    return out[0, :, :shape[0], :shape[1], :shape[2]].float().cpu().numpy()
