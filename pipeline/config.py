@@ -138,6 +138,44 @@ class PretrainConfig(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
 
 
+class GuideModelConfig(StrictModel):
+    channels: tuple[int, ...] = Field((16, 32, 64), description="encoder channels per level")
+    stride: int = Field(4, description="output stride of the coordinate map (upsampled when used)")
+    blocks_per_level: int = Field(1, ge=1, le=4)
+
+
+class GuideConfig(StrictModel):
+    data: str = Field(..., description="preprocessed unlabelled folder (manifest.parquet) to learn from")
+    eval_data: str | None = Field(None, description="preprocessed labelled phantoms for the landmark score")
+    real_data: str | None = Field(None, description="preprocessed real CT for the cranio-caudal sanity check")
+    run_name: str = Field("guide", description="Ray run name; rerunning the same name resumes")
+    storage_path: str = Field("runs", description="Ray Train storage: local folder or s3://")
+    seed: int = 0
+    model: GuideModelConfig = GuideModelConfig()
+    crop_size_zyx: ZYXInt = Field((32, 32, 32), description="crop size in voxels (z, y, x)")
+    spacing_range_mm: tuple[float, float] | None = Field(
+        None, description="crop spacing range in mm; None: 0.75-1.5 x the volume spacing")
+    n_points: int = Field(128, ge=8, description="voxels sampled per crop for each loss")
+    body_fraction: float = Field(0.5, ge=0, le=1, description="share of sampled voxels inside the body")
+    consistency_weight: float = Field(1.0, ge=0)
+    frame: Literal["axes", "rigid"] = Field("axes", description="axes: per-axis displacements; rigid: APE")
+    optim: OptimConfig = OptimConfig(steps=600, batch_size=2, lr=3e-3, warmup_steps=20)
+    scaling: ScalingConfig = ScalingConfig()
+    checkpoint_every: int = Field(200, ge=1)
+    log_every: int = Field(20, ge=1)
+    max_failures: int = Field(2, ge=-1)
+    num_cpus: int | None = Field(None, ge=1)
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "GuideConfig":
+        multiple = self.model.stride * 2 ** (len(self.model.channels) - 1)
+        if any(s % multiple for s in self.crop_size_zyx):
+            raise ValueError(f"crop_size_zyx must be multiples of {multiple} (stride x 2^(levels-1)), "
+                             f"got {self.crop_size_zyx}")
+        return self
+
+
 class EvaluateConfig(StrictModel):
     data: str = Field(..., description="preprocessed labeled folder (manifest.parquet with label_path)")
     pretrain_run_id: str | None = Field(None, description="MLflow run id of the pretrain job")

@@ -22,9 +22,11 @@ def write_tiny_corpus(root: Path, n: int = 3, shape=(20, 24, 28)) -> Path:
             np.save(root / name / f"v{i}.npy", arr)
         rows.append({"item_id": f"v{i}", "status": "accepted", "image_path": f"volumes/v{i}.npy",
                      "mask_path": f"masks/v{i}.npy", "label_path": f"labels/v{i}.npy", "shape": list(shape),
-                     "scanner_key": "A" if i else "B", "patient_key": None})
+                     "scanner_key": "A" if i else "B", "patient_key": None,
+                     "target_spacing_mm": [3.0, 3.0, 3.0], "origin_xyz_mm": [0.0, 0.0, 0.0]})
     rows.append({"item_id": "bad", "status": "rejected", "image_path": None, "mask_path": None,
-                 "label_path": None, "shape": None, "scanner_key": None, "patient_key": None})
+                 "label_path": None, "shape": None, "scanner_key": None, "patient_key": None,
+                 "target_spacing_mm": None, "origin_xyz_mm": None})
     pd.DataFrame(rows).to_parquet(root / "manifest.parquet")
     return root
 

@@ -35,6 +35,8 @@ class VolumeRef:
     shape_zyx: tuple[int, int, int]
     scanner_key: str = "unknown"
     patient_key: str | None = None
+    spacing_zyx_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin_xyz_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     _cache: dict = field(default_factory=dict, repr=False)
 
     def image(self) -> np.ndarray:
@@ -96,7 +98,9 @@ def load_volume_refs(data_dir: str | Path, require_labels: bool = False) -> list
             mask_path=opt(getattr(row, "mask_path", None)), label_path=opt(row.label_path),
             shape_zyx=tuple(int(s) for s in row.shape),
             scanner_key=str(getattr(row, "scanner_key", "unknown") or "unknown"),
-            patient_key=getattr(row, "patient_key", None)))
+            patient_key=getattr(row, "patient_key", None),
+            spacing_zyx_mm=tuple(float(v) for v in row.target_spacing_mm),
+            origin_xyz_mm=tuple(float(v) for v in row.origin_xyz_mm)))
     return refs
 
 

@@ -1,6 +1,6 @@
 """Pretraining on Ray Train (V2): the driver and ``train_loop_per_worker``.
 
-The Ray-specific calls are marked ``# ray:``; everything else is the pure step in ``pipeline.train``.
+The Ray calls live in ``pipeline.distributed.trainer``; everything else is the pure step in ``pipeline.train``.
 MLflow: the driver creates the run before workers start (an unreachable server fails here, before any
 GPU is taken); rank 0 logs metrics by run id; the driver logs the final model as an artifact.
 """
@@ -17,44 +17,37 @@ from pipeline import tracking
 from pipeline.config import PretrainConfig, UserError, dump_config
 from pipeline.data.patches import PatchStream, load_volume_refs
 from pipeline.diffusion.schedules import DiffusionSchedule
+from pipeline.distributed import trainer
 from pipeline.train.checkpoint import MODEL_FILE, load_state, save_model, save_state, unwrap
 from pipeline.train.step import (add_objective_inputs, batch_to_tensors, build_model, ema_update, make_ema,
                                  train_step)
 
 
 def _worker_setup(cfg: PretrainConfig):
-    import ray.train  # ray:
-    import ray.train.torch  # ray:
-
-    ctx = ray.train.get_context()  # ray:
-    device = ray.train.torch.get_device()  # ray:
+    rank, world, device = trainer.worker_context()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
     ema = make_ema(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    start_step = 0
-    checkpoint = ray.train.get_checkpoint()  # ray: the latest checkpoint after a restart or a rerun
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_state(Path(d), map_location=device)
+
+    def load(directory: Path) -> int:
+        state = load_state(directory, map_location=device)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
-        start_step = int(state["step"])
+        return state["step"]
+
+    start_step = trainer.restore(load)
     if cfg.scaling.use_gpu:
         model = model.to(memory_format=torch.channels_last_3d)
-    model = ray.train.torch.prepare_model(model)  # ray: DDP
-    return ctx, device, model, ema, optimizer, start_step
+    return rank, world, device, trainer.prepare_model(model), ema, optimizer, start_step
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker: resume, stream patches, step, log (rank 0), checkpoint."""
-    import ray.train  # ray:
-
     cfg = PretrainConfig.model_validate(config["cfg"])
     uri, run_id = config["tracking_uri"], config["run_id"]
-    ctx, device, model, ema, optimizer, start_step = _worker_setup(cfg)
-    rank = ctx.get_world_rank()
+    rank, world, device, model, ema, optimizer, start_step = _worker_setup(cfg)
     schedule = DiffusionSchedule.from_config(cfg.diffusion).to(device)
     stream = PatchStream(load_volume_refs(config["data_dir"]), cfg.patches.patch_size_zyx,
                          cfg.patches.window_hu, seed=cfg.seed, rank=rank)
@@ -67,7 +60,7 @@ def train_loop_per_worker(config: dict) -> None:
         wait_s += time.perf_counter() - t0
         result = train_step(model, optimizer, batch, cfg, schedule, step, autocast)
         ema_update(ema, unwrap(model), cfg.optim.ema_decay)
-        samples += cfg.optim.batch_size * ctx.get_world_size()
+        samples += cfg.optim.batch_size * world
         done = step + 1
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.optim.steps):
             elapsed = time.perf_counter() - t_log
@@ -78,25 +71,18 @@ def train_loop_per_worker(config: dict) -> None:
             tracking.log_metrics(uri, run_id, metrics, step=done)
             t_log, wait_s, samples = time.perf_counter(), 0.0, 0
         if done % cfg.checkpoint_every == 0 or done == cfg.optim.steps:
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if rank == 0:
-                    save_state(Path(tmp), model, ema, optimizer, done, cfg)
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)  # ray:
-                ray.train.report({"step": done, "loss": result.loss}, checkpoint=ckpt)  # ray:
+            trainer.report(rank, {"step": done, "loss": result.loss},
+                           lambda d: save_state(d, model, ema, optimizer, done, cfg))
 
 
 def run_pretrain(cfg: PretrainConfig, config_path: str | None = None) -> dict:
     """Driver: MLflow run, Ray TorchTrainer, final model logged. Returns run id and paths."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # ray:
-    from ray.train.torch import TorchTrainer  # ray:
-
     from pipeline.distributed.runtime import init_ray
 
     data_dir = Path(cfg.data).resolve()
     refs = load_volume_refs(data_dir)  # fails fast, before Ray starts, on a missing corpus
     uri = tracking.connect(cfg.tracking.tracking_uri)
-    storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
+    storage = trainer.storage_uri(cfg.storage_path)
     run_id = tracking.start_run(uri, cfg.tracking.experiment, cfg.run_name,
                                 tags={"anatdiff.job": "pretrain", "anatdiff.guidance": cfg.model.guidance,
                                       "anatdiff.objective": cfg.objective,
@@ -107,18 +93,11 @@ def run_pretrain(cfg: PretrainConfig, config_path: str | None = None) -> dict:
     if cfg.objective == "none":
         return _random_init_run(cfg, uri, run_id)
     init_ray(cfg.num_cpus)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,
-                           "data_dir": str(data_dir)},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.run_name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,
+                   "data_dir": str(data_dir)}
     with tracking.run_status(uri, run_id):
-        result = trainer.fit()
+        result = trainer.fit(train_loop_per_worker, loop_config, cfg.run_name, cfg.storage_path,
+                             cfg.scaling, cfg.max_failures)
         if result.checkpoint is None:
             raise UserError(f"pretraining '{cfg.run_name}' ended without a checkpoint")
         with result.checkpoint.as_directory() as d:
