@@ -1,0 +1,36 @@
+"""`anatdiff evaluate`: train a head on frozen pretrained features, predict held-out volumes, log Dice.
+
+The same head on the same architecture from random initialization gives the baseline row.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jobs._common import guarded, job_parser, resolve
+from pipeline.config import EvaluateConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = job_parser("evaluate", __doc__.split(":", 1)[1].strip(), "evaluate-tiny")
+    p.add_argument("--data", help="preprocessed labelled folder (with manifest.parquet)")
+    p.add_argument("--pretrain-run-id", help="MLflow run id of the pretrain job")
+    p.add_argument("--checkpoint", help="or a model.pt path / checkpoint folder")
+    p.add_argument("--protocol", choices=["nonlinear", "linear"], help="head on frozen features")
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        from pipeline.distributed.evaluate import run_evaluate
+
+        cfg = resolve(EvaluateConfig, args, {"data": args.data, "pretrain_run_id": args.pretrain_run_id,
+                                             "checkpoint": args.checkpoint, "protocol": args.protocol})
+        out = run_evaluate(cfg)
+        print(out["table"])
+        print(f"evaluate run {out['run_id']} logged to {out['tracking_uri']}")
+        return 0
+
+    return guarded("evaluate", run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
