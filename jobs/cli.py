@@ -9,7 +9,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jobs.demo", "synth -> preprocess -> pretrain -> evaluate on a local Ray + MLflow (~10 min, CPU)"),
     "synth": ("jobs.synth", "write a synthetic CT phantom corpus (NIfTI or DICOM, optional labels)"),
     "preprocess": ("jobs.preprocess", "Ray Data: CT corpus -> canonical resampled volumes + manifest"),
+    "train-guide": ("jobs.train_guide", "Ray Train: the self-supervised body-coordinate guide, scored"),
     "pretrain": ("jobs.pretrain", "Ray Train: guided diffusion pretraining of a 3D UNet"),
+    "benchmark": ("jobs.benchmark", "measured speed and memory: preprocess, patches, train (JSON last line)"),
     "evaluate": ("jobs.evaluate", "Dice of a head on frozen pretrained features vs random init"),
 }
 

@@ -201,6 +201,11 @@ class DemoConfig(StrictModel):
     n_labeled: int = Field(9, ge=3, description="labelled phantoms for the downstream evaluation")
     seed: int = 0
     target_spacing_zyx_mm: ZYX = Field((3.0, 3.0, 3.0), description="preprocess spacing (z, y, x) mm")
+    guidance: Literal["none", "bodybox", "learned"] = Field(
+        "learned", description="learned: train the coordinate guide first, then pretrain guided by it")
+    real_ct: str | None = Field("tests/data/real-ct", description="real CT for the guide's sanity check")
+    guide_preset: str = Field("guide-tiny", description="train-guide preset or YAML file")
+    guide: dict[str, Any] = Field(default_factory=dict, description="overrides of the guide preset")
     pretrain_preset: str = Field("pretrain-tiny", description="pretrain preset or YAML file")
     evaluate_preset: str = Field("evaluate-tiny", description="evaluate preset or YAML file")
     pretrain: dict[str, Any] = Field(default_factory=dict, description="overrides of the pretrain preset")

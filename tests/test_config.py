@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import (CONFIG_DIR, DemoConfig, EvaluateConfig, PreprocessConfig, PretrainConfig,
+from pipeline.config import (CONFIG_DIR, DemoConfig, GuideConfig, EvaluateConfig, PreprocessConfig, PretrainConfig,
                              UserError, load_config, parse_set_overrides)
 
-REQUIRED = {"pretrain": {"data": "x"}, "evaluate": {"data": "x"}, "preprocess": {"input": "a", "output": "b"},
+REQUIRED = {"pretrain": {"data": "x"}, "guide": {"data": "x"}, "evaluate": {"data": "x"}, "preprocess": {"input": "a", "output": "b"},
             "demo": {}}
-MODELS = {"pretrain": PretrainConfig, "evaluate": EvaluateConfig, "preprocess": PreprocessConfig,
+MODELS = {"pretrain": PretrainConfig, "guide": GuideConfig, "evaluate": EvaluateConfig, "preprocess": PreprocessConfig,
           "demo": DemoConfig}
 
 

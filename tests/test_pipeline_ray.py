@@ -83,3 +83,38 @@ def test_pretrain_then_evaluate_logs_dice(corpus):
         assert f"dice_{organ}" in metrics and f"random_init_dice_{organ}" in metrics
     assert 0.0 <= metrics["dice_mean"] <= 1.0
     assert "| liver |" in res["table"] or "liver" in res["table"]
+
+
+def test_guide_then_learned_guidance(corpus):
+    """train-guide (2 workers) -> scored -> pretrain with guidance: learned -> evaluate tags the guide run."""
+    from pipeline.config import GuideConfig
+    from pipeline.distributed.evaluate import run_evaluate
+    from pipeline.distributed.guide import run_guide
+    from pipeline.distributed.pretrain import run_pretrain
+
+    root, uri = corpus["root"], corpus["uri"]
+    gc = load_config(GuideConfig, "guide-tiny", {
+        "data": corpus["unlabeled"][0], "eval_data": corpus["labeled"][0], "run_name": "e2e-guide",
+        "storage_path": str(root / "runs"), "crop_size_zyx": [16, 16, 16], "optim": {"steps": 4},
+        "checkpoint_every": 2, "log_every": 2, "tracking": {"tracking_uri": uri}})
+    guide = run_guide(gc)
+    client = mlflow.MlflowClient(uri)
+    grun = client.get_run(guide["run_id"])
+    for key in ("guide_landmark_spread", "guide_landmark_spread_bodybox", "guide_landmark_spread_scanner"):
+        assert key in grun.data.metrics and grun.data.metrics[key] >= 0
+    assert [a.path for a in client.list_artifacts(guide["run_id"], "guide")] == ["guide/config.yaml",
+                                                                                  "guide/guide.pt"]
+    pt = load_config(PretrainConfig, "pretrain-tiny", {
+        "data": corpus["unlabeled"][0], "run_name": "e2e-learned", "storage_path": str(root / "runs"),
+        "patches": {"patch_size_zyx": [16, 16, 16]}, "optim": {"steps": 2, "warmup_steps": 1},
+        "checkpoint_every": 2, "log_every": 2, "tracking": {"tracking_uri": uri},
+        "model": {"guidance": "learned", "guide_checkpoint": f"runs:/{guide['run_id']}"}})
+    pre = run_pretrain(pt)
+    coords = list((Path(corpus["unlabeled"][0]) / "coords").glob("*/*.npy"))
+    assert len(coords) == 3 and np.load(coords[0]).shape[0] == 3
+    ev = load_config(EvaluateConfig, "evaluate-tiny", {
+        "data": corpus["labeled"][0], "pretrain_run_id": pre["run_id"], "head_steps": 2,
+        "compare_random_init": False, "tracking": {"tracking_uri": uri}})
+    tags = client.get_run(run_evaluate(ev)["run_id"]).data.tags
+    assert tags["anatdiff.guide_run_id"] == guide["run_id"]
+    assert tags["anatdiff.pretrain_run_id"] == pre["run_id"]

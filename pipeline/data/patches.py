@@ -37,6 +37,7 @@ class VolumeRef:
     patient_key: str | None = None
     spacing_zyx_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
     origin_xyz_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    coords_path: Path | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def image(self) -> np.ndarray:
@@ -58,6 +59,14 @@ class VolumeRef:
             self._cache["label"] = np.load(self.label_path, mmap_mode="r")
         return self._cache["label"]
 
+    def coords(self) -> np.ndarray | None:
+        """The learned guide's (3, D, H, W) map, when one was computed for this volume."""
+        if self.coords_path is None:
+            return None
+        if "coords" not in self._cache:
+            self._cache["coords"] = np.load(self.coords_path, mmap_mode="r")
+        return self._cache["coords"]
+
     def body_bbox_zyx(self) -> tuple[tuple[int, int], ...]:
         """Inclusive (first, last) voxel of the body along z, y, x (whole volume without a mask)."""
         if "bbox" not in self._cache:
@@ -74,8 +83,12 @@ class VolumeRef:
         return self._cache["bbox"]
 
 
-def load_volume_refs(data_dir: str | Path, require_labels: bool = False) -> list[VolumeRef]:
-    """Accepted items of ``data_dir/manifest.parquet`` as VolumeRefs (sorted by item id)."""
+def load_volume_refs(data_dir: str | Path, require_labels: bool = False,
+                     coords_dir: str | Path | None = None) -> list[VolumeRef]:
+    """Accepted items of ``data_dir/manifest.parquet`` as VolumeRefs (sorted by item id).
+
+    ``coords_dir``: folder of learned-guide coordinate maps ``<item_id>.npy`` (see distributed/coords.py).
+    """
     data_dir = Path(data_dir)
     manifest = data_dir / "manifest.parquet"
     if not manifest.is_file():
@@ -100,7 +113,8 @@ def load_volume_refs(data_dir: str | Path, require_labels: bool = False) -> list
             scanner_key=str(getattr(row, "scanner_key", "unknown") or "unknown"),
             patient_key=getattr(row, "patient_key", None),
             spacing_zyx_mm=tuple(float(v) for v in row.target_spacing_mm),
-            origin_xyz_mm=tuple(float(v) for v in row.origin_xyz_mm)))
+            origin_xyz_mm=tuple(float(v) for v in row.origin_xyz_mm),
+            coords_path=None if coords_dir is None else Path(coords_dir) / f"{row.item_id}.npy"))
     return refs
 
 
@@ -145,6 +159,14 @@ def _random_start(ref: VolumeRef, size_zyx, rng: np.random.Generator, foreground
     return centre - size // 2
 
 
+def patch_coords(ref: VolumeRef, start_zyx, size_zyx) -> np.ndarray:
+    """(3, D, H, W) float32 guide coordinates of a patch: the learned map when present, else the body box."""
+    cmap = ref.coords()
+    if cmap is None:
+        return bodybox_coords(size_zyx, ref.body_bbox_zyx(), start_zyx)
+    return np.stack([cut_patch(cmap[c], start_zyx, size_zyx, 0) for c in range(3)]).astype(np.float32)
+
+
 def sample_patch(ref: VolumeRef, size_zyx, window_hu, rng: np.random.Generator,
                  foreground_prob: float = 0.0) -> dict[str, np.ndarray]:
     """One patch: ``image`` (1, D, H, W) in [0, 1], ``coords`` (3, D, H, W) body-box, ``mask`` (D, H, W)
@@ -153,7 +175,7 @@ def sample_patch(ref: VolumeRef, size_zyx, window_hu, rng: np.random.Generator,
     start = _random_start(ref, size_zyx, rng, foreground)
     out = {
         "image": scale_hu(cut_patch(ref.image(), start, size_zyx, PAD_HU), window_hu)[None],
-        "coords": bodybox_coords(size_zyx, ref.body_bbox_zyx(), start),
+        "coords": patch_coords(ref, start, size_zyx),
         "start": start.astype(np.int64),
     }
     mask = ref.mask()

@@ -22,7 +22,7 @@ from pipeline.labels import ORGANS
 
 
 def _evaluate_task(model_path: str, random_init: bool, cfg_json: dict, data_dir: str,
-                   train_ids: list[str], test_ids: list[str]) -> dict:
+                   train_ids: list[str], test_ids: list[str], coords_dir: str | None = None) -> dict:
     """Runs in a Ray task: everything it needs is passed by value or path."""
     import torch
 
@@ -32,7 +32,7 @@ def _evaluate_task(model_path: str, random_init: bool, cfg_json: dict, data_dir:
     torch.set_num_threads(1)
     cfg = EvaluateConfig.model_validate(cfg_json)
     backbone, pretrain_cfg = load_pretrained(model_path, random_init=random_init, seed=cfg.seed)
-    refs = {r.item_id: r for r in load_volume_refs(data_dir, require_labels=True)}
+    refs = {r.item_id: r for r in load_volume_refs(data_dir, require_labels=True, coords_dir=coords_dir)}
     out = evaluate_backbone(backbone, pretrain_cfg, cfg, [refs[i] for i in train_ids],
                             [refs[i] for i in test_ids])
     return out
@@ -87,6 +87,26 @@ def _log_results(uri: str, run_id: str, rows: dict[str, dict], test_refs, workdi
     return table
 
 
+def _guide_coords(model_path: str, data_dir: str, uri: str, workdir: Path, run_id: str) -> str | None:
+    """For a backbone pretrained with the learned guide: its coordinate maps over the labelled data."""
+    from pipeline.distributed.coords import ensure_coord_maps, resolve_guide
+    from pipeline.train.checkpoint import load_pretrained
+
+    _, pretrain_cfg = load_pretrained(model_path)
+    if pretrain_cfg.model.guidance != "learned":
+        return None
+    bundled = Path(model_path).parent / "guide.pt"
+    guide_file, guide_run = (bundled, None) if bundled.is_file() else \
+        resolve_guide(pretrain_cfg.model.guide_checkpoint, uri, workdir)
+    tracking.set_tags(uri, run_id, {"anatdiff.guide": pretrain_cfg.model.guide_checkpoint or "",
+                                    "anatdiff.guide_run_id": guide_run or _run_of(pretrain_cfg.model.guide_checkpoint)})
+    return str(ensure_coord_maps(data_dir, guide_file))
+
+
+def _run_of(spec: str | None) -> str:
+    return spec[len("runs:/"):].strip("/").split("/")[0] if spec and spec.startswith("runs:/") else ""
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     """Driver of the evaluate job. Returns the run id, the Dice table and per-organ means."""
     import ray
@@ -116,10 +136,11 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                 "n_train": len(train_ids), "n_test": len(test_ids),
                 "train_ids": ",".join(train_ids), "test_ids": ",".join(test_ids)})
             init_ray(cfg.num_cpus)
+            coords_dir = _guide_coords(model_path, data_dir, uri, workdir, run_id)
             task = ray.remote(num_cpus=1)(_evaluate_task)
             variants = {"pretrained": False} | ({"random_init": True} if cfg.compare_random_init else {})
             futures = {name: task.remote(model_path, rnd, cfg.model_dump(mode="json"), data_dir,
-                                         train_ids, test_ids) for name, rnd in variants.items()}
+                                         train_ids, test_ids, coords_dir) for name, rnd in variants.items()}
             rows = {name: ray.get(f) for name, f in futures.items()}
             by_id = {r.item_id: r for r in refs}
             table = _log_results(uri, run_id, rows, [by_id[i] for i in test_ids], workdir)

@@ -18,6 +18,7 @@ from pipeline.config import PretrainConfig, UserError, dump_config
 from pipeline.data.patches import PatchStream, load_volume_refs
 from pipeline.diffusion.schedules import DiffusionSchedule
 from pipeline.distributed import trainer
+from pipeline.distributed.coords import ensure_coord_maps, resolve_guide
 from pipeline.train.checkpoint import MODEL_FILE, load_state, save_model, save_state, unwrap
 from pipeline.train.step import (add_objective_inputs, batch_to_tensors, build_model, ema_update, make_ema,
                                  train_step)
@@ -49,7 +50,8 @@ def train_loop_per_worker(config: dict) -> None:
     uri, run_id = config["tracking_uri"], config["run_id"]
     rank, world, device, model, ema, optimizer, start_step = _worker_setup(cfg)
     schedule = DiffusionSchedule.from_config(cfg.diffusion).to(device)
-    stream = PatchStream(load_volume_refs(config["data_dir"]), cfg.patches.patch_size_zyx,
+    stream = PatchStream(load_volume_refs(config["data_dir"], coords_dir=config["coords_dir"]),
+                         cfg.patches.patch_size_zyx,
                          cfg.patches.window_hu, seed=cfg.seed, rank=rank)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     t_log, wait_s, samples = time.perf_counter(), 0.0, 0
@@ -90,18 +92,21 @@ def run_pretrain(cfg: PretrainConfig, config_path: str | None = None) -> dict:
                                       "anatdiff.manifest_sha256": _file_sha256(data_dir / "manifest.parquet")},
                                 resume_tag=("anatdiff.run_key", f"{storage}/{cfg.run_name}"))
     tracking.log_params(uri, run_id, cfg.model_dump(mode="json") | {"n_volumes": len(refs)})
+    guide_file = _learned_guide(cfg, uri, run_id)
     if cfg.objective == "none":
-        return _random_init_run(cfg, uri, run_id)
+        return _random_init_run(cfg, uri, run_id, guide_file)
     init_ray(cfg.num_cpus)
+    coords_dir = None if guide_file is None else str(ensure_coord_maps(data_dir, guide_file))
     loop_config = {"cfg": cfg.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,
-                   "data_dir": str(data_dir)}
+                   "data_dir": str(data_dir), "coords_dir": coords_dir}
     with tracking.run_status(uri, run_id):
         result = trainer.fit(train_loop_per_worker, loop_config, cfg.run_name, cfg.storage_path,
                              cfg.scaling, cfg.max_failures)
         if result.checkpoint is None:
             raise UserError(f"pretraining '{cfg.run_name}' ended without a checkpoint")
         with result.checkpoint.as_directory() as d:
-            _log_final_model(uri, run_id, Path(d) / MODEL_FILE, cfg, {"anatdiff.checkpoint": result.checkpoint.path})
+            _log_final_model(uri, run_id, Path(d) / MODEL_FILE, cfg, {"anatdiff.checkpoint": result.checkpoint.path},
+                             guide_file)
     return {"run_id": run_id, "tracking_uri": uri, "checkpoint": result.checkpoint.path}
 
 
@@ -111,24 +116,38 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _log_final_model(uri: str, run_id: str, model_file: Path, cfg: PretrainConfig, tags: dict) -> None:
-    """model.pt + config.yaml under the run's ``model/`` artifacts; registered with alias ``final``."""
+def _learned_guide(cfg: PretrainConfig, uri: str, run_id: str) -> Path | None:
+    """The frozen guide's file for ``guidance: learned`` (kept under the run's artifacts), else None."""
+    if cfg.model.guidance != "learned":
+        return None
+    cache = Path(tempfile.mkdtemp(prefix="anatdiff-guide-"))
+    guide_file, guide_run = resolve_guide(cfg.model.guide_checkpoint, uri, cache)
+    tracking.set_tags(uri, run_id, {"anatdiff.guide": cfg.model.guide_checkpoint,
+                                    "anatdiff.guide_run_id": guide_run or ""})
+    return guide_file
+
+
+def _log_final_model(uri: str, run_id: str, model_file: Path, cfg: PretrainConfig, tags: dict,
+                     guide_file: Path | None = None) -> None:
+    """model.pt + config.yaml (+ the frozen guide.pt) under ``model/``; registered with alias ``final``."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg_file = Path(tmp) / "config.yaml"
         dump_config(cfg, cfg_file)
         tracking.log_artifact(uri, run_id, model_file, "model")
         tracking.log_artifact(uri, run_id, cfg_file, "model")
+        if guide_file is not None:
+            tracking.log_artifact(uri, run_id, guide_file, "model")
     if cfg.registered_model:
         version = tracking.register_model(uri, run_id, "model", cfg.registered_model, "final")
         tags = tags | {"anatdiff.registered_model": f"{cfg.registered_model}/{version}"}
     tracking.set_tags(uri, run_id, tags)
 
 
-def _random_init_run(cfg: PretrainConfig, uri: str, run_id: str) -> dict:
+def _random_init_run(cfg: PretrainConfig, uri: str, run_id: str, guide_file: Path | None) -> dict:
     """``objective: none``: the architecture with random weights, recorded like a trained run (no Ray)."""
     with tracking.run_status(uri, run_id), tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(cfg.seed)
         model_file = Path(tmp) / MODEL_FILE
         save_model(model_file, build_model(cfg.model), cfg, step=0)
-        _log_final_model(uri, run_id, model_file, cfg, {"anatdiff.checkpoint": "random-init"})
+        _log_final_model(uri, run_id, model_file, cfg, {"anatdiff.checkpoint": "random-init"}, guide_file)
     return {"run_id": run_id, "tracking_uri": uri, "checkpoint": None}

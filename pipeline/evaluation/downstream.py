@@ -15,11 +15,10 @@ import torch
 from torch import nn
 
 from pipeline.config import EvaluateConfig, PretrainConfig
-from pipeline.data.patches import PatchStream, VolumeRef, scale_hu
+from pipeline.data.patches import PatchStream, VolumeRef, patch_coords, scale_hu
 from pipeline.diffusion.objective import to_model_range
 from pipeline.diffusion.schedules import DiffusionSchedule, q_sample
 from pipeline.evaluation.heads import build_head
-from pipeline.guide.encoding import bodybox_coords
 from pipeline.evaluation.losses import bce_dice_loss, predict_labels
 from pipeline.evaluation.metrics import dice_per_organ
 from pipeline.evaluation.sliding import sliding_window_predict
@@ -69,7 +68,7 @@ def pack_volume(ref: VolumeRef, window_hu, seed: int) -> torch.Tensor:
     """The whole volume packed like ``pack_batch``: (1, 5, D, H, W)."""
     shape = ref.shape_zyx
     image = torch.from_numpy(scale_hu(np.asarray(ref.image()), window_hu))[None, None]
-    coords = torch.from_numpy(bodybox_coords(shape, ref.body_bbox_zyx(), (0, 0, 0)))[None]
+    coords = torch.from_numpy(patch_coords(ref, (0, 0, 0), shape))[None]
     noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(seed))
     return torch.cat([image, coords, noise], dim=1)
 
