@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("jobs.preprocess", "Ray Data: CT corpus -> canonical resampled volumes + manifest"),
     "train-guide": ("jobs.train_guide", "Ray Train: the self-supervised body-coordinate guide, scored"),
     "pretrain": ("jobs.pretrain", "Ray Train: guided diffusion pretraining of a 3D UNet"),
+    "submit": ("jobs.submit", "run a job on a running Ray cluster through its job API (JobSubmissionClient)"),
     "benchmark": ("jobs.benchmark", "measured speed and memory: preprocess, patches, train (JSON last line)"),
     "evaluate": ("jobs.evaluate", "Dice of a head on frozen pretrained features vs random init"),
 }
