@@ -75,9 +75,18 @@ class DiffusionConfig(StrictModel):
 
 
 class ScalingConfig(StrictModel):
-    num_workers: int = Field(2, ge=1, description="Ray Train workers")
+    num_workers: int | tuple[int, int] = Field(
+        2, description="Ray Train workers, or (min, max) for elastic training on spot capacity")
     use_gpu: bool = Field(False, description="one GPU per worker, nccl, bf16 autocast")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScalingConfig":
+        n = self.num_workers
+        lo, hi = (n, n) if isinstance(n, int) else n
+        if lo < 1 or hi < lo:
+            raise ValueError(f"num_workers must be >= 1, or (min, max) with 1 <= min <= max; got {n}")
+        return self
 
 
 # ------------------------------------------------------------------------------------------------- jobs
@@ -116,6 +125,7 @@ class OptimConfig(StrictModel):
     warmup_steps: int = Field(20, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
 
 
 class PretrainConfig(StrictModel):
@@ -134,6 +144,8 @@ class PretrainConfig(StrictModel):
     registered_model: str | None = Field(
         "anatdiff-backbone", description="MLflow registered model for the final weights (alias 'final'); None: skip")
     log_every: int = Field(10, ge=1, description="steps between metric logs")
+    sample_every: int = Field(0, ge=0, description="steps between DDIM sample PNGs logged to MLflow (0: off)")
+    compile: bool = Field(False, description="torch.compile the denoiser (GPU runs)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance (None = all)")
     tracking: TrackingConfig = TrackingConfig()
 
@@ -180,18 +192,91 @@ class EvaluateConfig(StrictModel):
     data: str = Field(..., description="preprocessed labeled folder (manifest.parquet with label_path)")
     pretrain_run_id: str | None = Field(None, description="MLflow run id of the pretrain job")
     checkpoint: str | None = Field(None, description="or a model.pt path (wins over pretrain_run_id)")
-    protocol: Literal["nonlinear", "linear"] = "nonlinear"
+    protocol: Literal["nonlinear", "linear", "finetune"] = Field(
+        "nonlinear", description="linear / nonlinear head on frozen features, or finetune (all weights train)")
     feature_timesteps: tuple[int, ...] = Field((50,), description="diffusion timesteps features are taken at")
-    test_fraction: float = Field(0.34, gt=0, lt=1, description="share of patients held out for Dice")
+    split: Literal["holdout", "kfold"] = Field(
+        "holdout", description="holdout: one patient-level split (test_fraction); kfold: cross-validation")
+    folds: int = Field(5, ge=2, description="kfold: number of folds (KFold over patients, shuffled)")
+    fold_seed: int = Field(42, description="kfold: KFold random_state (42 as vox2vec)")
+    val_cases: int = Field(1, ge=0, description="kfold: validation patients per fold (taken from the non-test)")
+    train_cases: int | None = Field(
+        None, ge=1, description="keep only N training patients per fold (label-efficiency curves); None: all")
+    test_fraction: float = Field(0.34, gt=0, lt=1, description="holdout: share of patients held out for Dice")
     head_steps: int = Field(150, ge=1)
     head_batch_size: int = Field(2, ge=1)
     head_lr: float = Field(3e-3, gt=0)
     head_hidden: int = Field(32, ge=4, description="non-linear head width")
+    finetune_lr_scale: float = Field(
+        0.1, gt=0, le=1, description="finetune: backbone learning rate = head_lr x this")
+    loss: Literal["bce_dice", "dice_ce"] = Field(
+        "bce_dice", description="bce_dice: per-organ sigmoid BCE + soft Dice (vox2vec); dice_ce: softmax CE "
+                                "over background + organs + soft Dice (nnU-Net)")
+    val_every: int = Field(
+        0, ge=0, description="steps between validation Dice checks, best head kept; 0: only at the end")
     patch_size_zyx: ZYXInt | None = Field(None, description="default: the pretrain patch size")
     sw_overlap: float = Field(0.5, ge=0, lt=1, description="sliding-window overlap")
+    hd95: bool = Field(False, description="also compute the 95th-percentile Hausdorff distance (mm) per organ")
+    overlays: int = Field(2, ge=0, description="prediction overlay PNGs logged (test cases of the first fold)")
     compare_random_init: bool = Field(True, description="also evaluate the same head on random weights")
+    gpus_per_task: float = Field(0.0, ge=0, description="GPUs each fold task reserves (0 on CPU machines)")
     seed: int = 0
     num_cpus: int | None = Field(None, ge=1)
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvaluateConfig":
+        if not self.feature_timesteps or any(t < 0 for t in self.feature_timesteps):
+            raise ValueError(f"feature_timesteps must be one or more timesteps >= 0, got {self.feature_timesteps}")
+        return self
+
+
+class CompareConfig(StrictModel):
+    run_ids: tuple[str, ...] = Field(..., min_length=1, description="evaluate run ids, or pretrain run ids "
+                                     "whose evaluate runs are found by tag anatdiff.pretrain_run_id")
+    protocol: Literal["nonlinear", "linear", "finetune"] | None = Field(
+        None, description="keep evaluate runs of this protocol only; None: every protocol found")
+    name: str = Field("compare", description="MLflow run name of the comparison")
+    tracking: TrackingConfig = TrackingConfig()
+
+
+class ExportConfig(StrictModel):
+    run_id: str | None = Field(None, description="MLflow run id of a pretrain job")
+    checkpoint: str | None = Field(None, description="or a model.pt path (guide.pt beside it is taken too)")
+    out: str = Field(..., description="output folder of the self-contained export")
+    registered_model: str | None = Field(
+        "anatdiff-backbone-export", description="MLflow registered model for the export; None: skip")
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "ExportConfig":
+        if not self.run_id and not self.checkpoint:
+            raise ValueError("export needs run_id (a pretrain run) or checkpoint (a model.pt path)")
+        return self
+
+
+STUDY_VARIANTS = ("random_init", "restorative", "unguided", "guided")
+
+
+class StudyConfig(StrictModel):
+    workdir: str = Field("anatdiff-study", description="where corpora, volumes and checkpoints go")
+    n_unlabeled: int = Field(16, ge=2, description="phantoms in the unlabelled pretraining corpus")
+    n_labeled: int = Field(10, ge=3, description="labelled phantoms for the downstream evaluation")
+    seed: int = 0
+    target_spacing_zyx_mm: ZYX = Field((3.0, 3.0, 3.0), description="preprocess spacing (z, y, x) mm")
+    variants: tuple[Literal["random_init", "restorative", "unguided", "guided"], ...] = Field(
+        STUDY_VARIANTS, min_length=1, description="pretraining variants, all with the same budget")
+    guided_guidance: Literal["learned", "bodybox"] = Field(
+        "learned", description="guidance of the 'guided' variant (learned: a guide is trained first)")
+    protocols: tuple[Literal["nonlinear", "linear", "finetune"], ...] = Field(
+        ("linear", "nonlinear", "finetune"), min_length=1, description="evaluation protocols")
+    guide_preset: str = Field("guide-tiny", description="train-guide preset or YAML file")
+    pretrain_preset: str = Field("pretrain-tiny", description="pretrain preset or YAML file (one budget)")
+    evaluate_preset: str = Field("evaluate-kfold-tiny", description="evaluate preset or YAML file")
+    guide: dict[str, Any] = Field(default_factory=dict, description="overrides of the guide preset")
+    pretrain: dict[str, Any] = Field(default_factory=dict, description="overrides of the pretrain preset")
+    evaluate: dict[str, Any] = Field(default_factory=dict, description="overrides of the evaluate preset")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance (None = all)")
     tracking: TrackingConfig = TrackingConfig()
 
 

@@ -41,7 +41,26 @@ def _worker_setup(cfg: PretrainConfig):
     start_step = trainer.restore(load)
     if cfg.scaling.use_gpu:
         model = model.to(memory_format=torch.channels_last_3d)
-    return rank, world, device, trainer.prepare_model(model), ema, optimizer, start_step
+    model = trainer.prepare_model(model)
+    if cfg.compile:
+        model = torch.compile(model)
+    return rank, world, device, model, ema, optimizer, start_step
+
+
+def _micro_batches(stream: PatchStream, cfg: PretrainConfig, rank: int, step: int, device) -> list[dict]:
+    k = cfg.optim.grad_accum_steps
+    return [batch_to_tensors(add_objective_inputs(stream.batch(step * k + i, cfg.optim.batch_size), cfg, rank,
+                                                  step * k + i), device) for i in range(k)]
+
+
+def _log_preview(ema, batch: dict, cfg: PretrainConfig, schedule, uri: str, run_id: str, step: int) -> None:
+    from pipeline.train.preview import denoise_preview, save_preview_png
+
+    ema.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        png = save_preview_png(denoise_preview(ema, batch, cfg, schedule),
+                               Path(tmp) / f"ddim_step{step:07d}.png", f"step {step}: t=400 -> DDIM 20 steps")
+        tracking.log_artifact(uri, run_id, png, "samples")
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -51,27 +70,29 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world, device, model, ema, optimizer, start_step = _worker_setup(cfg)
     schedule = DiffusionSchedule.from_config(cfg.diffusion).to(device)
     stream = PatchStream(load_volume_refs(config["data_dir"], coords_dir=config["coords_dir"]),
-                         cfg.patches.patch_size_zyx,
-                         cfg.patches.window_hu, seed=cfg.seed, rank=rank)
+                         cfg.patches.patch_size_zyx, cfg.patches.window_hu, seed=cfg.seed, rank=rank)
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    t_log, wait_s, samples = time.perf_counter(), 0.0, 0
+    t_log, wait_s, samples, steps = time.perf_counter(), 0.0, 0, 0
     for step in range(start_step, cfg.optim.steps):
         t0 = time.perf_counter()
-        batch = add_objective_inputs(stream.batch(step, cfg.optim.batch_size), cfg, rank, step)
-        batch = batch_to_tensors(batch, device)
+        batches = _micro_batches(stream, cfg, rank, step, device)
         wait_s += time.perf_counter() - t0
-        result = train_step(model, optimizer, batch, cfg, schedule, step, autocast)
+        result = train_step(model, optimizer, batches, cfg, schedule, step, autocast)
         ema_update(ema, unwrap(model), cfg.optim.ema_decay)
-        samples += cfg.optim.batch_size * world
+        samples += cfg.optim.batch_size * cfg.optim.grad_accum_steps * world
+        steps += 1
         done = step + 1
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.optim.steps):
             elapsed = time.perf_counter() - t_log
             metrics = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                       "samples_per_s": samples / elapsed, "data_wait_fraction": wait_s / elapsed}
+                       "samples_per_s": samples / elapsed, "steps_per_s": steps / elapsed,
+                       "data_wait_fraction": wait_s / elapsed}
             if device.type == "cuda":
                 metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             tracking.log_metrics(uri, run_id, metrics, step=done)
-            t_log, wait_s, samples = time.perf_counter(), 0.0, 0
+            t_log, wait_s, samples, steps = time.perf_counter(), 0.0, 0, 0
+        if rank == 0 and cfg.sample_every and cfg.objective == "diffusion" and done % cfg.sample_every == 0:
+            _log_preview(ema, batches[0], cfg, schedule, uri, run_id, done)
         if done % cfg.checkpoint_every == 0 or done == cfg.optim.steps:
             trainer.report(rank, {"step": done, "loss": result.loss},
                            lambda d: save_state(d, model, ema, optimizer, done, cfg))

@@ -6,6 +6,7 @@ original from a corrupted patch) and ``none`` (random init: no training at all).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -106,18 +107,26 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Pretrain
     raise ValueError(f"objective '{cfg.objective}' has no loss")
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor] | list,
                cfg: PretrainConfig, schedule: DiffusionSchedule | None, step: int,
                autocast_dtype: torch.dtype | None = None) -> StepResult:
-    """One optimizer step: LR schedule, (autocast) forward, backward, clipping, update."""
+    """One optimizer step: LR schedule, (autocast) forward, backward over ``grad_accum_steps`` micro-batches
+    (``batch`` may be a list of them; DDP syncs gradients on the last one only), clipping, update."""
+    micro = batch if isinstance(batch, list) else [batch]
     lr = lr_at(step, cfg.optim)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    device_type = batch["image"].device.type
-    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        loss = compute_loss(model, batch, cfg, schedule)
-    loss.backward()
+    device_type = micro[0]["image"].device.type
+    total = 0.0
+    for i, mb in enumerate(micro):
+        sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
+        with (contextlib.nullcontext() if sync else model.no_sync()):
+            with torch.autocast(device_type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                loss = compute_loss(model, mb, cfg, schedule) / len(micro)
+            loss.backward()
+        total += float(loss.detach())
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     optimizer.step()
-    return StepResult(loss=float(loss.detach()), grad_norm=float(grad_norm), lr=lr)
+    return StepResult(loss=total, grad_norm=float(grad_norm), lr=lr)
