@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline.config import UserError
+from pipeline.ingest.preprocess import split_dicom_folder
 from pipeline.io.layouts import discover_items, make_item_id
 from pipeline.io.readers import (nifti_nonfinite_count, read_dicom_tags, read_header, read_image)
 
@@ -97,7 +98,7 @@ def test_nnunet_v2_naming_with_a_dicom_case(tmp_path):
     items, skipped = discover_items(tmp_path)
     assert [(i.source, i.kind, Path(i.label).name) for i in items] == [
         ("imagesTr/case_a_0000.nii.gz", "nifti", "case_a.nii.gz"),
-        ("imagesTr/case_b_0000", "dicom", "case_b.nii.gz")]
+        ("imagesTr/case_b_0000", "dicom-folder", "case_b.nii.gz")]
     assert dict(skipped)["imagesTr/case_a_0001.nii.gz"].startswith("extra input channel")
     assert len(items[1].files) == 9  # 8 slices + the label
     _accounted_once(tmp_path, items, skipped)
@@ -116,13 +117,19 @@ def test_plain_folder_of_files_and_dicom_series(tmp_path):
     items, skipped = discover_items(tmp_path)
     kinds = {i.source: i.kind for i in items}
     assert kinds == {"a/ct.nii": "nifti", "a/b/ct.nrrd": "nrrd", "ct.mha": "mha", "c/ct.mhd": "mha",
-                     f"dcm#{SERIES_A}": "dicom", f"dcm#{SERIES_B}": "dicom"}
+                     "dcm": "dicom-folder"}
     by_source = {i.source: i for i in items}
     assert by_source["c/ct.mhd"].files == ("c/ct.mhd", "c/ct.raw")
-    assert by_source[f"dcm#{SERIES_B}"].series_uid == SERIES_B and len(by_source[f"dcm#{SERIES_B}"].files) == 9
-    assert dict(skipped)["dcm/broken.dcm"].startswith("not a readable DICOM image")
-    assert set(dict(skipped)) == {"dcm/broken.dcm", "dcm/DICOMDIR_NOTES", "meta.json"}
+    assert set(dict(skipped)) == {"meta.json"}
     _accounted_once(tmp_path, items, skipped)
+    # the worker splits the DICOM folder into its two series; the two non-DICOM files are skipped
+    series, not_dicom = split_dicom_folder(by_source["dcm"])
+    assert [(s.source, s.series_uid, len(s.files), s.kind) for s in series] == [
+        (f"dcm#{SERIES_B}", SERIES_B, 9, "dicom"), (f"dcm#{SERIES_A}", SERIES_A, 8, "dicom")]
+    assert series[1].files == tuple(f"dcm/a{k:03d}.dcm" for k in range(8))
+    assert dict(not_dicom).keys() == {"dcm/broken.dcm", "dcm/DICOMDIR_NOTES"}
+    assert dict(not_dicom)["dcm/broken.dcm"].startswith("not a readable DICOM image")
+    assert sorted([f for s in series for f in s.files] + list(dict(not_dicom))) == sorted(by_source["dcm"].files)
     assert len({i.item_id for i in items}) == len(items)
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+-[0-9a-f]{8}", i.item_id) for i in items)
 

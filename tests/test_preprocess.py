@@ -223,7 +223,7 @@ def test_ray_data_preprocess_accounts_for_every_file(tmp_path):
     (tmp_path / "in" / "bad.nii.gz").write_bytes(b"corrupt")
     (tmp_path / "in" / "notes.txt").write_text("hello")
     try:
-        df = run_preprocess(_cfg(tmp_path, num_cpus=2), progress=False)
+        df = run_preprocess(_cfg(tmp_path, num_cpus=2, log_to_mlflow=False), progress=False)
     finally:
         ray.shutdown()
     assert summarize(df) == "3 accepted, 1 rejected (unreadable: 1), 1 skipped"

@@ -1,27 +1,39 @@
-"""Ray Data adapter of the preprocess stage: one map task (1 CPU) per item, then the manifest.
+"""Ray Data adapter of the preprocess stage: one map task (1 CPU) per unfinished item, then the manifest,
+the report and the MLflow run.
 
-The work itself is ``pipeline.ingest.preprocess.preprocess_item`` (plain Python, tested without Ray).
+The work itself is ``pipeline.ingest.units.run_unit`` (plain Python, tested without Ray).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
 
 from pipeline.config import PreprocessConfig, UserError
 from pipeline.distributed.runtime import init_ray
-from pipeline.ingest.manifest import read_manifest, skipped_row, write_manifest
-from pipeline.ingest.preprocess import preprocess_item
-from pipeline.io.layouts import discover_items
+from pipeline.ingest.manifest import read_manifest, skipped_row, summarize, write_manifest
+from pipeline.ingest.phi import parse_patients_csv, patient_keys, resolve_salt
+from pipeline.ingest.report import write_reports
+from pipeline.ingest.resume import content_key, load_done, remove_partial_files
+from pipeline.ingest.units import run_unit
+from pipeline.io.filesystems import is_remote, list_files, remove_tree, shadow_tree
+from pipeline.io.layouts import PATIENTS_CSV, Item, discover_items
 
 
 def _check_output(cfg: PreprocessConfig) -> Path:
     """The output folder (created); refuses one inside the input folder (a rerun would read its own output)."""
-    inp, out = Path(os.path.abspath(cfg.input)), Path(os.path.abspath(cfg.output))
-    if out == inp or inp in out.parents:
+    if is_remote(cfg.output):
+        raise UserError(f"output '{cfg.output}' is an object-store URI: the output must be a local or shared "
+                        "(mounted) folder that every Ray worker can write")
+    out = Path(os.path.abspath(cfg.output))
+    inp = None if is_remote(cfg.input) else Path(os.path.abspath(cfg.input))
+    if inp is not None and (out == inp or inp in out.parents):
         raise UserError(f"output folder '{cfg.output}' is inside the input folder '{cfg.input}': "
                         "choose an output folder outside it")
     try:
@@ -31,26 +43,112 @@ def _check_output(cfg: PreprocessConfig) -> Path:
     return out
 
 
-def run_preprocess(cfg: PreprocessConfig, progress: bool = True) -> pd.DataFrame:
-    """Preprocess every item of ``cfg.input`` into ``cfg.output`` with Ray Data; return the manifest.
+def _discover(cfg: PreprocessConfig, listing) -> tuple[list[Item], list[tuple[str, str]], dict[str, str]]:
+    """Items, skipped files and the patients.csv table (``source -> patient``) of a local or remote input."""
+    shadow = tempfile.mkdtemp(prefix="anatdiff-listing-") if is_remote(cfg.input) else None
+    try:
+        root = shadow_tree(cfg.input, listing, shadow) if shadow else Path(cfg.input)
+        try:
+            items, skipped = discover_items(root)
+        except UserError as e:
+            raise UserError(str(e).replace(str(root), cfg.input.split("?", 1)[0])) from None
+        csv = Path(root) / PATIENTS_CSV
+        patients = parse_patients_csv(csv.read_text(), PATIENTS_CSV) if csv.is_file() else {}
+    finally:
+        if shadow:
+            remove_tree(shadow)
+    return items, skipped, patients
 
-    Layout errors raise UserError before Ray starts. Each item is one block and one 1-CPU map task, so a
-    large scan never waits behind another in the same block. Rows travel back as JSON strings (rows of
-    accepted and rejected items have different null columns, which Arrow blocks would have to unify).
-    """
-    items, skipped = discover_items(cfg.input)
-    out_dir = _check_output(cfg)
+
+def _map_units(todo: list[tuple[dict, str]], cfg: PreprocessConfig, out_dir: Path, keys: dict[str, str],
+               salt: str, progress: bool) -> list[dict]:
+    """Run ``run_unit`` over ``(item dict, content key)`` pairs with Ray Data, one block and task per item.
+    Rows travel back as JSON strings (accepted and rejected rows have different null columns)."""
+    if not todo:
+        return []
     # --- Ray ---------------------------------------------------------------------------------------------
     import ray
 
     init_ray(cfg.num_cpus)
     ray.data.DataContext.get_current().enable_progress_bars = progress
 
-    def work(item: dict) -> dict:
-        return {"row_json": json.dumps(preprocess_item(item, cfg, out_dir))}
+    def work(rec: dict) -> list[dict]:
+        return [{"row_json": json.dumps(r)} for r in run_unit(rec["item"], cfg, out_dir, rec["key"], keys, salt)]
 
-    ds = ray.data.from_items([i.to_dict() for i in items], override_num_blocks=len(items))
-    rows = [json.loads(r["row_json"]) for r in ds.map(work, num_cpus=1).take_all()]
+    ds = ray.data.from_items([{"item": i, "key": k} for i, k in todo], override_num_blocks=len(todo))
+    return [json.loads(r["row_json"]) for r in ds.flat_map(work, num_cpus=1).take_all()]
     # ------------------------------------------------------------------------------------------------------
-    write_manifest(rows + [skipped_row(path, reason) for path, reason in skipped], out_dir)
-    return read_manifest(out_dir)
+
+
+def run_preprocess(cfg: PreprocessConfig, progress: bool = True) -> pd.DataFrame:
+    """Preprocess every item of ``cfg.input`` (a folder, ``s3://`` or ``gs://`` prefix) into ``cfg.output``
+    with Ray Data; return the manifest.
+
+    Layout errors raise UserError before Ray starts. Items finished by an earlier run with the same content
+    key are reused (``pipeline.ingest.resume``); leftover temporary files are deleted first. Writes
+    ``manifest.parquet``, ``report.json``/``report.md``, ``scanners.csv``/``scanners.md`` and
+    ``plots/*.png``; with ``cfg.log_to_mlflow`` the counts and these files go to an MLflow run.
+    """
+    listing = {e.rel: e for e in list_files(cfg.input)}
+    items, skipped, patients = _discover(cfg, list(listing.values()))
+    out_dir = _check_output(cfg)
+    salt = resolve_salt()
+    keys = patient_keys(patients, salt)
+    tracking = _start_tracking(cfg)
+    with _run_status(tracking):
+        remove_partial_files(out_dir)
+        unit_keys = {i.item_id: content_key(i.files, listing, cfg) for i in items}
+        done = {i.item_id: load_done(out_dir, i.item_id, unit_keys[i.item_id]) for i in items}
+        todo = [(i.to_dict(), unit_keys[i.item_id]) for i in items if done[i.item_id] is None]
+        rows = [r for rs in done.values() if rs is not None for r in rs]
+        rows += _map_units(todo, cfg, out_dir, keys, salt, progress)
+        write_manifest(rows + [skipped_row(path, reason) for path, reason in skipped], out_dir)
+        manifest = read_manifest(out_dir)
+        report, paths = write_reports(manifest, list(listing), out_dir, {
+            "input": cfg.input.split("?", 1)[0], "items": len(items), "items_reused": len(items) - len(todo),
+            "items_processed": len(todo), "summary": summarize(manifest)})
+        if tracking is not None:
+            _log_results(*tracking, cfg, report, paths)
+    return manifest
+
+
+# --- MLflow (through pipeline.tracking) ---------------------------------------------------------------------
+def _start_tracking(cfg: PreprocessConfig) -> tuple[str, str] | None:
+    """(tracking uri, run id) of a new 'preprocess' run, or None when ``cfg.log_to_mlflow`` is off."""
+    if not cfg.log_to_mlflow:
+        return None
+    from pipeline import tracking
+
+    uri = tracking.connect(cfg.tracking.tracking_uri)
+    run_id = tracking.start_run(uri, cfg.tracking.experiment, "preprocess", tags={"anatdiff.stage": "preprocess"})
+    params = cfg.model_dump(mode="json", exclude={"tracking"})
+    params["input"] = str(params["input"]).split("?", 1)[0]
+    tracking.log_params(uri, run_id, params)
+    return uri, run_id
+
+
+def _run_status(tracking_run: tuple[str, str] | None):
+    if tracking_run is None:
+        return nullcontext()
+    from pipeline import tracking
+
+    return tracking.run_status(*tracking_run)
+
+
+def _metric_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_").lower() or "other"
+
+
+def _log_results(uri: str, run_id: str, cfg: PreprocessConfig, report: dict, paths: list[Path]) -> None:
+    """Counts as metrics, the summary as a tag, the report files and plots as artifacts."""
+    from pipeline import tracking
+
+    metrics = {f"n_{k}": v for k, v in report["counts"].items()}
+    metrics.update({"n_input_files": report["files"]["input"], "n_items_reused": report["items_reused"],
+                    "n_items_processed": report["items_processed"],
+                    "n_files_unaccounted": len(report["files"]["missing"]) + len(report["files"]["duplicated"])})
+    metrics.update({f"rejected.{_metric_name(r)}": n for r, n in report["rejected_by_reason"].items()})
+    tracking.log_metrics(uri, run_id, metrics)
+    tracking.set_tags(uri, run_id, {"summary": report["summary"]})
+    for path in paths:
+        tracking.log_artifact(uri, run_id, path, "plots" if path.parent.name == "plots" else "report")

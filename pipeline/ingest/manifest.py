@@ -28,6 +28,8 @@ MANIFEST_SCHEMA = pa.schema([
     ("spacing_mm", _f3), ("source_shape", _i3), ("target_spacing_mm", _f3), ("shape", _i3),
     ("origin_xyz_mm", _f3), ("image_path", _str), ("label_path", _str), ("mask_path", _str),
     ("has_label", pa.bool_()), ("modality", _str), ("scanner_key", _str), ("patient_key", _str),
+    ("slice_thickness_mm", pa.float64()), ("kvp", pa.float64()), ("contrast", pa.bool_()),
+    ("hu_hist_body", _i3), ("content_key", _str),
 ])
 COLUMNS = tuple(MANIFEST_SCHEMA.names)
 STATUSES = ("accepted", "rejected", "skipped")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +18,21 @@ import SimpleITK as sitk
 from pipeline.config import PreprocessConfig
 from pipeline.ingest.body import bbox_zyx, body_mask
 from pipeline.ingest.geometry import crop_to_bbox, resample_label_onto, resample_to_spacing, to_canonical
-from pipeline.ingest.manifest import empty_row, patient_key
-from pipeline.io.layouts import Item
-from pipeline.io.readers import nifti_nonfinite_count, read_dicom_tags, read_header, read_image
+from pipeline.ingest.manifest import empty_row, patient_key, skipped_row
+from pipeline.ingest.phi import scanner_key
+from pipeline.ingest.qc import (MIN_SLICES, Rejected, check_complete, check_ct_intensity, check_header,
+                                check_localizer, check_pixels, check_slice_positions)
+from pipeline.ingest.report import hu_histogram
+from pipeline.io.dicom import series_labels, split_series
+from pipeline.io.layouts import DICOM_FOLDER, Item, make_item_id
+from pipeline.io.readers import nifti_data_bytes, nifti_nonfinite_count, read_dicom_tags, read_header, read_image
 from pipeline.labels import NUM_ORGANS
 
-MIN_SLICES = 8
+__all__ = ["MIN_SLICES", "Rejected", "check_header", "preprocess_item", "preprocess_unit", "split_dicom_folder"]
+
 HU_RANGE = (-1024, 3071)
 #: body box margin on each side, in mm
 CROP_MARGIN_MM = 10.0
-_FLOAT_TYPES = {sitk.sitkFloat32, sitk.sitkFloat64}
-
-
-class Rejected(Exception):
-    """An input that fails a QC rule; the message is the manifest's one-line reason."""
 
 
 def one_line(err: BaseException, limit: int = 240) -> str:
@@ -40,65 +42,60 @@ def one_line(err: BaseException, limit: int = 240) -> str:
     return text[:limit]
 
 
-def check_header(header: dict, max_voxels: int) -> None:
-    """QC from the header alone (before any pixel is read). Raises Rejected."""
-    size = header["size_xyz"]
-    if header["dimension"] == 2 or (header["dimension"] == 3 and 1 in size):
-        raise Rejected(f"2-D image: size (x, y, z) {size}")
-    if header["dimension"] != 3:
-        raise Rejected(f"not a 3-D image: {header['dimension']}-D, size {size}")
-    if header["components"] != 1:
-        raise Rejected(f"not a scalar image: {header['components']} components per voxel")
-    spacing = header["spacing_xyz_mm"]
-    if any(not math.isfinite(s) or s <= 0 for s in spacing):
-        raise Rejected(f"bad spacing: (x, y, z) {spacing} mm, must be > 0")
-    voxels = math.prod(size)
-    if voxels > max_voxels:
-        raise Rejected(f"too large: {voxels} voxels > max_voxels {max_voxels}")
-    if min(size) < MIN_SLICES:
-        raise Rejected(f"too few slices: {min(size)} < {MIN_SLICES} (size x, y, z {size})")
-
-
-def check_pixels(image: sitk.Image, item: Item) -> None:
-    """QC of the read image: positive spacing, finite voxels (raw NIfTI bytes too). Raises Rejected."""
-    spacing = image.GetSpacing()
-    if any(not math.isfinite(s) or s <= 0 for s in spacing):
-        raise Rejected(f"bad spacing: (x, y, z) {spacing} mm, must be > 0")
-    bad = 0
-    if image.GetPixelID() in _FLOAT_TYPES:
-        bad = int(np.count_nonzero(~np.isfinite(sitk.GetArrayViewFromImage(image))))
-        if item.kind == "nifti":
-            bad = max(bad, nifti_nonfinite_count(item.image))
-    if bad:
-        raise Rejected(f"non-finite voxels: {bad} NaN/Inf")
-
-
-def dicom_fields(item: Item) -> dict:
-    """modality, scanner_key, patient_key of a DICOM item (first slice's tags). Raises Rejected if not CT."""
+def _number(text: str | None) -> float | None:
     try:
-        tags = read_dicom_tags(item.image, item.series_uid)
+        return float(text.split("\\")[0]) if text else None
+    except ValueError:
+        return None
+
+
+def dicom_fields(item: Item, salt: str | None = None) -> dict:
+    """Manifest fields from a DICOM item's first slice: modality, scanner_key (manufacturer|model|kernel),
+    slice_thickness_mm, kvp, contrast, patient_key (salted hash). No other tag is read. Raises Rejected if
+    not CT."""
+    try:
+        tags = read_dicom_tags(item.image, item.series_uid, item.local_files())
     except Exception as e:  # noqa: BLE001 - any reader failure is a property of the file
         raise Rejected(f"unreadable: {one_line(e)}") from None
     modality = tags["Modality"] or "unknown"
     if modality != "CT":
         raise Rejected(f"not CT: modality {modality}")
-    parts = [tags["Manufacturer"], tags["ManufacturerModelName"], tags["ConvolutionKernel"]]
-    scanner = "|".join(p or "" for p in parts) if any(parts) else "unknown"
-    return {"modality": modality, "scanner_key": scanner, "patient_key": patient_key(tags["PatientID"])}
+    return {"modality": modality, "scanner_key": scanner_key(tags),
+            "patient_key": patient_key(tags["PatientID"], salt),
+            "slice_thickness_mm": _number(tags["SliceThickness"]), "kvp": _number(tags["KVP"]),
+            "contrast": bool(tags["ContrastBolusAgent"])}
+
+
+def check_dicom_series(item: Item) -> None:
+    """Series-level QC from the slice headers: one series, localizer/scout, slice gaps. Raises Rejected."""
+    series, unreadable = split_series(item.local_files())
+    if unreadable:
+        raise Rejected(f"unreadable: {len(unreadable)} of {len(item.local_files())} slice files are not "
+                       "readable DICOM images")
+    if len(series) != 1:
+        raise Rejected(f"several series: {len(series)} series (UID + geometry) in one item")
+    check_localizer(series[0].image_types)
+    check_slice_positions(series[0].positions_mm)
 
 
 def read_checked(item: Item, max_voxels: int) -> sitk.Image:
     """Header QC, then pixels, then pixel QC. Raises Rejected."""
+    files = item.local_files() if item.kind == "dicom" else None
     try:
-        header = read_header(item.image, item.series_uid)
+        header = read_header(item.image, item.series_uid, files)
     except Exception as e:  # noqa: BLE001
         raise Rejected(f"unreadable: {one_line(e)}") from None
     check_header(header, max_voxels)
+    if item.kind == "nifti":
+        check_complete(*nifti_data_bytes(item.image))
     try:
-        image = read_image(item.image, item.series_uid)
+        image = read_image(item.image, item.series_uid, files)
     except Exception as e:  # noqa: BLE001
         raise Rejected(f"unreadable: {one_line(e)}") from None
-    check_pixels(image, item)
+    floats = image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64)
+    check_pixels(image, nifti_nonfinite_count(item.image) if floats and item.kind == "nifti" else 0)
+    if item.kind != "dicom":
+        check_ct_intensity(sitk.GetArrayViewFromImage(image))
     return image
 
 
@@ -129,10 +126,11 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _process(item: Item, cfg: PreprocessConfig, out_dir: Path, row: dict) -> None:
+def _process(item: Item, cfg: PreprocessConfig, out_dir: Path, row: dict, salt: str | None) -> None:
     """Fill ``row`` and write the arrays of an accepted item. Raises Rejected."""
     if item.kind == "dicom":
-        row.update(dicom_fields(item))
+        row.update(dicom_fields(item, salt))
+        check_dicom_series(item)
     canonical = to_canonical(read_checked(item, cfg.max_voxels))
     row["spacing_mm"] = list(canonical.GetSpacing()[::-1])
     row["source_shape"] = list(canonical.GetSize()[::-1])
@@ -143,6 +141,7 @@ def _process(item: Item, cfg: PreprocessConfig, out_dir: Path, row: dict) -> Non
     mask = body_mask(volume_hu, cfg.body_threshold_hu)
     if not mask.any():
         raise Rejected(f"no body: no connected region above {cfg.body_threshold_hu} HU")
+    row["hu_hist_body"] = hu_histogram(volume_hu[mask]).tolist()
     margin = tuple(math.ceil(CROP_MARGIN_MM / s) for s in cfg.target_spacing_zyx_mm)
     box = bbox_zyx(mask, margin)
     origin = crop_to_bbox(resampled, box).GetOrigin()
@@ -156,20 +155,47 @@ def _process(item: Item, cfg: PreprocessConfig, out_dir: Path, row: dict) -> Non
     row.update(shape=list(volume_hu[box].shape), origin_xyz_mm=list(origin), has_label=label is not None)
 
 
-def preprocess_item(item: Item | dict, cfg: PreprocessConfig, out_dir: str | Path) -> dict:
+def split_dicom_folder(item: Item) -> tuple[list[Item], list[tuple[str, str]]]:
+    """A ``dicom-folder`` item as one ``dicom`` item per series (slices in order along the normal; the label
+    goes with the largest series) and the (relative path, reason) of its files that are not DICOM images.
+    Sources: the folder, or ``folder#<SeriesInstanceUID>`` (``#nouid``, ``.g<geometry>``) when it holds
+    several series."""
+    series, unreadable = split_series(item.local_files())
+    rel = {str(Path(item.root) / f): f for f in item.files}
+    items = []
+    for s, name in zip(series, series_labels(series)):
+        source = item.source + (f"#{name}" if name else "")
+        label = item.label if not items else None
+        files = [rel[f] for f in s.files] + ([rel[label]] if label else [])
+        items.append(Item(make_item_id(source), source, tuple(files), item.image, label, "dicom",
+                          s.uid or None, item.root))
+    skipped = [(rel[p], "not a readable DICOM image (no DICOM header, or a damaged one)") for p in unreadable]
+    return items, skipped
+
+
+def preprocess_item(item: Item | dict, cfg: PreprocessConfig, out_dir: str | Path,
+                    salt: str | None = None) -> dict:
     """Preprocess one item into ``out_dir`` and return its manifest row (plain JSON-able dict).
 
     Writes ``volumes/<item_id>.npy`` (int16 HU in [-1024, 3071], (Z, Y, X), canonical LPS, spacing
     ``cfg.target_spacing_zyx_mm``, cropped to the body box + 10 mm), ``masks/<item_id>.npy`` (uint8 0/1 body
     mask) and ``labels/<item_id>.npy`` (uint8 BTCV label, nearest neighbour in physical space) when the
-    item has a label. Never raises for a bad input: the row gets status "rejected" and a one-line reason.
+    item has a label. ``salt``: of ``patient_key`` (default ANATDIFF_PHI_SALT). A ``dicom-folder`` item must
+    hold a single series (``preprocess_unit`` handles several). Never raises for a bad input: the row gets
+    status "rejected" and a one-line reason.
     """
     item = Item.from_dict(item) if isinstance(item, dict) else item
+    if item.kind == DICOM_FOLDER:
+        series, _ = split_dicom_folder(item)
+        if len(series) == 1:
+            item = replace(series[0], item_id=item.item_id, source=item.source)
     row = empty_row(item_id=item.item_id, source=item.source, files=list(item.files), kind=item.kind,
                     target_spacing_mm=[float(s) for s in cfg.target_spacing_zyx_mm], status="accepted",
                     scanner_key="unknown", has_label=item.label is not None)
     try:
-        _process(item, cfg, Path(out_dir), row)
+        if item.kind == DICOM_FOLDER:
+            raise Rejected("several series: this folder holds no single DICOM series; use preprocess_unit")
+        _process(item, cfg, Path(out_dir), row, salt)
     except Rejected as e:
         row.update(status="rejected", reason=str(e))
     except MemoryError:
@@ -177,5 +203,21 @@ def preprocess_item(item: Item | dict, cfg: PreprocessConfig, out_dir: str | Pat
     except Exception as e:  # noqa: BLE001 - one odd file must not stop a corpus; the reason says what broke
         row.update(status="rejected", reason=f"error: {type(e).__name__}: {one_line(e)}")
     if row["status"] == "rejected":
-        row.update(image_path=None, mask_path=None, label_path=None, shape=None, origin_xyz_mm=None)
+        row.update(image_path=None, mask_path=None, label_path=None, shape=None, origin_xyz_mm=None,
+                   hu_hist_body=None)
     return row
+
+
+def preprocess_unit(item: Item | dict, cfg: PreprocessConfig, out_dir: str | Path,
+                    salt: str | None = None) -> list[dict]:
+    """Manifest rows of one discovered item: a ``dicom-folder`` gives one row per series plus a skipped row
+    per non-DICOM file; any other item its single ``preprocess_item`` row. Together the rows' ``files``
+    are exactly the item's ``files``."""
+    item = Item.from_dict(item) if isinstance(item, dict) else item
+    if item.kind != DICOM_FOLDER:
+        return [preprocess_item(item, cfg, out_dir, salt)]
+    series, skipped = split_dicom_folder(item)
+    rows = [preprocess_item(s, cfg, out_dir, salt) for s in series]
+    if item.label and not series:
+        skipped.append((item.files[-1], "label without image (its DICOM folder holds no readable series)"))
+    return rows + [skipped_row(rel, reason) for rel, reason in skipped]

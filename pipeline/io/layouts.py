@@ -2,8 +2,12 @@
 
 Recognized (see docs/dataset-formats.md): the BTCV layout (``img/imgNNNN.nii.gz`` + ``label/labelNNNN.nii.gz``),
 the nnU-Net v2 / MSD layout (``dataset.json`` + ``imagesTr/`` + ``labelsTr/``), and any folder of image files
-and DICOM series. Every file under the root ends up either in one item's ``files`` or in ``skipped`` with a
+and DICOM folders. Every file under the root ends up either in one item's ``files`` or in ``skipped`` with a
 reason, so the manifest can account for every input file.
+
+Discovery opens no image or DICOM file (it also runs on the placeholder shadow tree of an object-store root):
+the DICOM candidates of a folder form one ``dicom-folder`` item, which the worker splits into series
+(``pipeline.io.dicom.split_series``).
 """
 
 from __future__ import annotations
@@ -12,10 +16,8 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-
-import SimpleITK as sitk
 
 from pipeline.config import UserError
 
@@ -23,11 +25,17 @@ from pipeline.config import UserError
 IMAGE_ENDINGS: dict[str, str] = {".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd", ".mha": "mha",
                                  ".mhd": "mha"}
 _DICOM_SUFFIXES = {"", ".dcm", ".ima", ".dicom"}
+#: kind of a folder's DICOM files before they are split into series (by the worker)
+DICOM_FOLDER = "dicom-folder"
+#: optional ``source,patient`` table in the input root (see docs/dataset-formats.md)
+PATIENTS_CSV = "patients.csv"
 
 
 @dataclass(frozen=True)
 class Item:
-    """One CT to preprocess. Paths in ``source``/``files`` are relative to the input root (POSIX)."""
+    """One CT to preprocess. Paths in ``source``/``files`` are relative to the input root (POSIX); ``image``
+    and ``label`` are local paths under the local folder ``root``. For a DICOM series ``files`` lists its
+    slices in reading order (then the label, if any); a ``dicom-folder`` item still has to be split."""
 
     item_id: str
     source: str
@@ -36,6 +44,7 @@ class Item:
     label: str | None
     kind: str
     series_uid: str | None = None
+    root: str = ""
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (what Ray Data passes between tasks)."""
@@ -46,6 +55,18 @@ class Item:
     @classmethod
     def from_dict(cls, d: dict) -> "Item":
         return cls(**{**d, "files": tuple(str(f) for f in d["files"])})
+
+    def rebased(self, new_root: str | Path) -> "Item":
+        """The same item with ``image``/``label`` moved from under ``root`` to under ``new_root`` (where its
+        files were downloaded)."""
+        def move(p: str | None) -> str | None:
+            return None if p is None else str(Path(new_root) / Path(p).relative_to(self.root))
+        return replace(self, image=move(self.image), label=move(self.label), root=str(new_root))
+
+    def local_files(self) -> list[str]:
+        """Absolute local paths of ``files`` except the label (a DICOM series' slices, in order)."""
+        paths = [str(Path(self.root) / f) for f in self.files]
+        return [p for p in paths if p != self.label]
 
 
 def image_kind(name: str) -> str | None:
@@ -87,33 +108,28 @@ def _mhd_data_files(mhd: Path) -> list[Path]:
     return []
 
 
-def dicom_series(folder: Path) -> list[tuple[str, list[Path]]]:
-    """(SeriesInstanceUID, slice files sorted by GDCM) for each DICOM series directly in ``folder``."""
-    reader = sitk.ImageSeriesReader()
-    out = []
-    for uid in reader.GetGDCMSeriesIDs(str(folder)):
-        out.append((uid, [Path(f) for f in reader.GetGDCMSeriesFileNames(str(folder), uid)]))
-    return out
+def is_dicom_candidate(name: str) -> bool:
+    """A file name that may hold DICOM: ``.dcm``, ``.ima``, ``.dicom`` or no extension, not hidden."""
+    return (Path(name).suffix.lower() in _DICOM_SUFFIXES and not image_kind(name)
+            and not name.startswith(".") and name != PATIENTS_CSV)
 
 
 def _file_item(root: Path, image: Path, label: Path | None, extra: list[Path] = ()) -> Item:
     source = _rel(image, root)
     files = [source] + [_rel(p, root) for p in extra] + ([_rel(label, root)] if label else [])
     kind = image_kind(image.name) or "dicom"
-    return Item(make_item_id(source), source, tuple(files), str(image), str(label) if label else None, kind)
+    return Item(make_item_id(source), source, tuple(files), str(image), str(label) if label else None, kind,
+                root=str(root))
 
 
-def _dicom_items(root: Path, series: list[tuple[str, list[Path]]], folder: Path,
-                 label: Path | None = None) -> list[Item]:
-    """One item per series of ``folder``; a label goes with the first (largest) series."""
-    items = []
-    for uid, files in sorted(series, key=lambda s: -len(s[1])):
-        source = _rel(folder, root) + (f"#{uid}" if len(series) > 1 else "")
-        lab = label if not items else None
-        rel_files = [_rel(f, root) for f in files] + ([_rel(lab, root)] if lab else [])
-        items.append(Item(make_item_id(source), source, tuple(rel_files), str(folder),
-                          str(lab) if lab else None, "dicom", uid))
-    return items
+def _dicom_folder_item(root: Path, folder: Path, files: list[Path], label: Path | None = None) -> list[Item]:
+    """The DICOM candidate ``files`` of ``folder`` as one unsplit item (none if there are no files)."""
+    if not files:
+        return []
+    source = _rel(folder, root)
+    rel_files = [_rel(f, root) for f in sorted(files)] + ([_rel(label, root)] if label else [])
+    return [Item(make_item_id(source), source, tuple(rel_files), str(folder), str(label) if label else None,
+                 DICOM_FOLDER, root=str(root))]
 
 
 def _btcv_items(root: Path, base: Path) -> tuple[list[Item], list[tuple[str, str]]]:
@@ -176,8 +192,9 @@ def _nnunet_items(root: Path, base: Path) -> tuple[list[Item], list[tuple[str, s
                 skipped.append((_rel(p, root), "extra input channel (only channel _0000 is read as CT)"))
     items = []
     for img, label in pairs:
-        items.extend(_dicom_items(root, dicom_series(img), img, label) if img.is_dir()
-                     else [_file_item(root, img, label)])
+        items.extend(_dicom_folder_item(root, img, [p for p in sorted(img.iterdir()) if p.is_file()
+                                                    and is_dicom_candidate(p.name)], label)
+                     if img.is_dir() else [_file_item(root, img, label)])
     used = {i.label for i in items}
     if (base / "labelsTr").is_dir():
         skipped += [(_rel(p, root), "label without image in dataset.json / imagesTr")
@@ -205,22 +222,18 @@ def _folder_items(root: Path, folder: Path, names: list[str], accounted: set[str
     for mhd in (p for p in todo if p.name.lower().endswith(".mhd") and not p.name.startswith(".")):
         items.append(_file_item(root, mhd, None, _mhd_data_files(mhd)))
     accounted = accounted | {f for i in items for f in i.files}
-    if any(p.suffix.lower() in _DICOM_SUFFIXES and not image_kind(p.name) and not p.name.startswith(".")
-           for p in todo if _rel(p, root) not in accounted):
-        series = [(uid, files) for uid, files in dicom_series(folder)
-                  if not any(_rel(f, root) in accounted for f in files)]
-        if series:
-            items += _dicom_items(root, series, folder)
+    todo = [p for p in todo if _rel(p, root) not in accounted]
+    items += _dicom_folder_item(root, folder, [p for p in todo if is_dicom_candidate(p.name)])
     accounted = accounted | {f for i in items for f in i.files}
     for p in todo:
         rel = _rel(p, root)
         if rel in accounted:
             continue
         reason = _skip_reason(p.name, folder.name)
-        if image_kind(p.name) and not reason.startswith(("hidden", "label-like")):
+        if rel == PATIENTS_CSV:
+            skipped.append((rel, "patient mapping (patients.csv)"))
+        elif image_kind(p.name) and not reason.startswith(("hidden", "label-like")):
             items.append(_file_item(root, p, None))
-        elif p.suffix.lower() in _DICOM_SUFFIXES and not reason.startswith("hidden"):
-            skipped.append((rel, "not a readable DICOM image (GDCM found no series in it)"))
         else:
             skipped.append((rel, reason))
     return items, skipped

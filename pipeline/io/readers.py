@@ -21,8 +21,10 @@ DICOM_TAGS: dict[str, str] = {
     "SliceThickness": "0018|0050",
     "KVP": "0018|0060",
     "ContrastBolusAgent": "0018|0010",
+    "ImageType": "0008|0008",
     "PatientID": "0010|0020",
 }
+#: the only patient-identifying tag ever read: it is hashed into ``patient_key`` at once and never stored
 
 
 def dicom_files(path: str | Path, series_uid: str | None = None) -> list[str]:
@@ -43,14 +45,21 @@ def dicom_files(path: str | Path, series_uid: str | None = None) -> list[str]:
     return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series_uid))
 
 
-def read_header(path: str | Path, series_uid: str | None = None) -> dict:
+def _series_files(path: Path, series_uid: str | None, files: list[str] | None) -> list[str]:
+    if files:
+        return [str(f) for f in files]
+    return dicom_files(path, series_uid) if path.is_dir() else [str(path)]
+
+
+def read_header(path: str | Path, series_uid: str | None = None, files: list[str] | None = None) -> dict:
     """Geometry without reading pixels: ``dimension``, ``size_xyz`` (voxels, a DICOM series' z = its file
     count), ``spacing_xyz_mm`` (a series' z spacing is its first slice's), ``components`` per voxel.
+    ``files``: the slice files of a DICOM series in order (else GDCM lists the folder ``path``).
 
     Raises RuntimeError (ITK) / ValueError for an unreadable file.
     """
     path = Path(path)
-    files = dicom_files(path, series_uid) if path.is_dir() else [str(path)]
+    files = _series_files(path, series_uid, files)
     reader = sitk.ImageFileReader()
     reader.SetFileName(files[0])
     reader.ReadImageInformation()
@@ -63,8 +72,9 @@ def read_header(path: str | Path, series_uid: str | None = None) -> dict:
             "components": int(reader.GetNumberOfComponents())}
 
 
-def read_image(path: str | Path, series_uid: str | None = None) -> sitk.Image:
-    """The image at ``path``: a file (NIfTI, NRRD, MHA/MHD, one DICOM file) or a DICOM series folder.
+def read_image(path: str | Path, series_uid: str | None = None, files: list[str] | None = None) -> sitk.Image:
+    """The image at ``path``: a file (NIfTI, NRRD, MHA/MHD, one DICOM file) or a DICOM series folder
+    (``files``: its slice files in order, else GDCM's listing of the folder).
 
     Note: SimpleITK's NIfTI reader turns NaN voxels into 0; use ``nifti_nonfinite_count`` to detect them.
     """
@@ -72,14 +82,15 @@ def read_image(path: str | Path, series_uid: str | None = None) -> sitk.Image:
     if not path.is_dir():
         return sitk.ReadImage(str(path))
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(dicom_files(path, series_uid))
+    reader.SetFileNames(_series_files(path, series_uid, files))
     return reader.Execute()
 
 
-def read_dicom_tags(path: str | Path, series_uid: str | None = None) -> dict[str, str | None]:
-    """``DICOM_TAGS`` of the first slice of a series folder (or of one file): name -> stripped string or None."""
+def read_dicom_tags(path: str | Path, series_uid: str | None = None,
+                    files: list[str] | None = None) -> dict[str, str | None]:
+    """``DICOM_TAGS`` of the first slice of a series (or of one file): name -> stripped string or None."""
     reader = sitk.ImageFileReader()
-    reader.SetFileName(dicom_files(path, series_uid)[0])
+    reader.SetFileName(_series_files(Path(path), series_uid, files)[0])
     reader.LoadPrivateTagsOff()
     reader.ReadImageInformation()
     keys = set(reader.GetMetaDataKeys())
@@ -118,3 +129,36 @@ def nifti_nonfinite_count(path: str | Path) -> int:
         f.seek(offset)
         data = np.frombuffer(f.read(), dtype=endian + _NIFTI_FLOATS[datatype])
     return int(data.size - np.count_nonzero(np.isfinite(data)))
+
+
+def nifti_data_bytes(path: str | Path) -> tuple[int, int]:
+    """(bytes the NIfTI-1/-2 header promises after its vox_offset, bytes actually stored there).
+
+    SimpleITK reads a truncated ``.nii`` or ``.nii.gz`` without complaint (the missing voxels come back as
+    0), so compare the two. A ``.gz`` stream is decompressed to count; a cut stream counts what it yielded.
+    Raises ValueError when the file is not NIfTI.
+    """
+    path = Path(path)
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        head = f.read(540)
+        endian = next((e for e in "<>" if struct.unpack(e + "i", head[:4])[0] in (348, 540)), None)
+        if endian is None:
+            raise ValueError(f"'{path}' is not a NIfTI file (header size field {head[:4]!r})")
+        if struct.unpack(endian + "i", head[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+        else:
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            dims = struct.unpack(endian + "8q", head[16:80])
+            offset = struct.unpack(endian + "q", head[168:176])[0]
+        expected = int(np.prod([max(int(d), 1) for d in dims[1:1 + max(int(dims[0]), 1)]])) * bitpix // 8
+        f.seek(0)
+        stored = 0
+        try:
+            while chunk := f.read(1 << 22):
+                stored += len(chunk)
+        except (EOFError, OSError):  # a cut gzip stream (gzip.BadGzipFile is an OSError)
+            pass
+    return expected, max(stored - offset, 0)

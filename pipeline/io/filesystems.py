@@ -1,0 +1,108 @@
+"""Input roots on a local disk or in object storage (``s3://``, ``gs://``) through ``pyarrow.fs``.
+
+SimpleITK reads local files only, so an object-store item is downloaded to a local temporary folder inside
+the worker that processes it, and deleted afterwards. Discovery of an object-store root runs on a *shadow
+tree*: the listing replayed locally as empty placeholder files, plus the few small files discovery reads
+(``dataset.json``, ``.mhd`` headers, ``patients.csv``). Discovery never opens DICOM or image files.
+
+S3 endpoint and credentials: the usual AWS environment variables (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``) or query parameters of the URI understood by
+``pyarrow.fs.FileSystem.from_uri`` (``s3://bucket/prefix?endpoint_override=http://host:9000&region=..``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from pipeline.config import UserError
+
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
+#: file names discovery reads (downloaded into the shadow tree); everything else becomes a placeholder
+_DISCOVERY_READS = ("dataset.json", "patients.csv")
+_CHUNK_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One input file: POSIX path relative to the root, size in bytes, modification time in ns (0 unknown)."""
+
+    rel: str
+    size: int
+    mtime_ns: int
+
+
+def is_remote(uri: str | Path) -> bool:
+    """True for an object-store URI (s3://, gs://, gcs://)."""
+    return str(uri).lower().startswith(REMOTE_SCHEMES)
+
+
+def open_root(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, root path inside it) for a local folder or an object-store URI. Raises UserError."""
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    try:
+        fs, root = pafs.FileSystem.from_uri(str(uri))
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad URI or missing support
+        raise UserError(f"input '{_public(uri)}': cannot open this object-store URI ({e}); use "
+                        "s3://bucket/prefix or gs://bucket/prefix with credentials in the environment") from None
+    return fs, root.rstrip("/")
+
+
+def _public(uri: str | Path) -> str:
+    """The URI without its query string or user info (which may carry credentials)."""
+    text = str(uri).split("?", 1)[0]
+    scheme, sep, rest = text.partition("://")
+    return f"{scheme}{sep}{rest.split('@', 1)[-1]}" if sep else text
+
+
+def list_files(uri: str | Path) -> list[FileEntry]:
+    """Every regular file under the root, sorted by relative path. Raises UserError when the root is missing."""
+    fs, root = open_root(uri)
+    info = fs.get_file_info(root)
+    if info.type != pafs.FileType.Directory and not (is_remote(uri) and info.type == pafs.FileType.NotFound):
+        what = "is a file, not a folder" if info.type == pafs.FileType.File else "does not exist"
+        raise UserError(f"input folder '{_public(uri)}' {what}: pass a folder of CT images (--input)")
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as e:
+        raise UserError(f"input '{_public(uri)}': cannot list it ({e})") from None
+    out = [FileEntry(i.path[len(root):].lstrip("/"), int(i.size or 0), int(i.mtime_ns or 0))
+           for i in infos if i.type == pafs.FileType.File]
+    if not out and is_remote(uri):
+        raise UserError(f"input '{_public(uri)}' holds no file (check the bucket and prefix)")
+    return sorted(out, key=lambda e: e.rel)
+
+
+def download(uri: str | Path, rels: list[str] | tuple[str, ...], dst: str | Path) -> Path:
+    """Copy the files ``rels`` (relative to the root ``uri``) to ``dst/<rel>``; return ``dst``."""
+    fs, root = open_root(uri)
+    dst = Path(dst)
+    for rel in rels:
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(f"{root}/{rel}") as src, open(target, "wb") as out:
+            while chunk := src.read(_CHUNK_BYTES):
+                out.write(chunk)
+    return dst
+
+
+def shadow_tree(uri: str | Path, entries: list[FileEntry], dst: str | Path) -> Path:
+    """Replay a listing under ``dst``: empty placeholders, except the small files discovery reads
+    (``dataset.json``, ``patients.csv``, ``*.mhd`` headers), which are downloaded."""
+    dst = Path(dst)
+    reads = [e.rel for e in entries if Path(e.rel).name in _DISCOVERY_READS or e.rel.lower().endswith(".mhd")]
+    for e in entries:
+        (dst / e.rel).parent.mkdir(parents=True, exist_ok=True)
+        (dst / e.rel).touch()
+    download(uri, reads, dst)
+    return dst
+
+
+def remove_tree(path: str | Path) -> None:
+    """Delete a temporary local folder (no error if already gone)."""
+    shutil.rmtree(path, ignore_errors=True)
