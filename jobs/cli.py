@@ -13,7 +13,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("jobs.pretrain", "Ray Train: guided diffusion pretraining of a 3D UNet"),
     "submit": ("jobs.submit", "run a job on a running Ray cluster through its job API (JobSubmissionClient)"),
     "benchmark": ("jobs.benchmark", "measured speed and memory: preprocess, patches, train (JSON last line)"),
-    "evaluate": ("jobs.evaluate", "Dice of a head on frozen pretrained features vs random init"),
+    "evaluate": ("jobs.evaluate", "Dice (linear / nonlinear / finetune), holdout or k-fold, vs random init"),
+    "compare": ("jobs.compare", "table + chart of mean Dice across pretraining runs, logged to MLflow"),
+    "study": ("jobs.study", "phantom study: 4 pretraining variants x 3 protocols, then compare"),
+    "export": ("jobs.export", "a pretrained backbone as a plain-PyTorch folder, registered in MLflow"),
 }
 
 USAGE = """usage: anatdiff <command> [options]

@@ -1,6 +1,7 @@
-"""`anatdiff evaluate`: train a head on frozen pretrained features, predict held-out volumes, log Dice.
+"""`anatdiff evaluate`: segmentation Dice of a pretrained backbone (linear / nonlinear head on frozen features,
+or finetune), on a patient-level holdout or k-fold cross-validation, logged to MLflow (a child run per fold).
 
-The same head on the same architecture from random initialization gives the baseline row.
+The same protocol on the same architecture from random initialization gives the baseline row.
 """
 
 from __future__ import annotations
@@ -16,14 +17,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="preprocessed labelled folder (with manifest.parquet)")
     p.add_argument("--pretrain-run-id", help="MLflow run id of the pretrain job")
     p.add_argument("--checkpoint", help="or a model.pt path / checkpoint folder")
-    p.add_argument("--protocol", choices=["nonlinear", "linear"], help="head on frozen features")
+    p.add_argument("--protocol", choices=["nonlinear", "linear", "finetune"], help="evaluation protocol")
+    p.add_argument("--split", choices=["holdout", "kfold"], help="patient-level holdout or k-fold CV")
+    p.add_argument("--folds", type=int, help="number of folds (implies --split kfold)")
+    p.add_argument("--train-cases", type=int, help="training patients per fold (label-efficiency curves)")
     args = p.parse_args(argv)
 
     def run() -> int:
         from pipeline.distributed.evaluate import run_evaluate
 
-        cfg = resolve(EvaluateConfig, args, {"data": args.data, "pretrain_run_id": args.pretrain_run_id,
-                                             "checkpoint": args.checkpoint, "protocol": args.protocol})
+        split = args.split or ("kfold" if args.folds is not None else None)
+        cfg = resolve(EvaluateConfig, args, {
+            "data": args.data, "pretrain_run_id": args.pretrain_run_id, "checkpoint": args.checkpoint,
+            "protocol": args.protocol, "split": split, "folds": args.folds, "train_cases": args.train_cases})
         out = run_evaluate(cfg)
         print(out["table"])
         print(f"evaluate run {out['run_id']} logged to {out['tracking_uri']}")

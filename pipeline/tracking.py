@@ -190,3 +190,48 @@ def register_model(uri: str, run_id: str, artifact_path: str, name: str, alias: 
     version = client.create_model_version(name, source, run_id=run_id)
     client.set_registered_model_alias(name, alias, version.version)
     return int(version.version)
+
+
+def log_metric_history(uri: str, run_id: str, key: str, values, steps) -> None:
+    """One metric's history (``values[i]`` at ``steps[i]``) in batches of 1000 (e.g. a training loss curve)."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    batch = [Metric(key, float(v), ts, int(s)) for v, s in zip(values, steps)]
+    client = mlflow.MlflowClient(uri)
+    for i in range(0, len(batch), 1000):
+        client.log_batch(run_id, metrics=batch[i:i + 1000])
+
+
+def start_child_run(uri: str, parent_run_id: str, run_name: str, tags: Mapping[str, str] | None = None) -> str:
+    """A run nested under ``parent_run_id`` (tag ``mlflow.parentRunId``, same experiment); returns its id."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    all_tags = {**dict(tags or {}), "mlflow.parentRunId": parent_run_id}
+    return client.create_run(parent.info.experiment_id, run_name=run_name, tags=all_tags).info.run_id
+
+
+def find_runs(uri: str, filter_string: str, experiment: str | None = None, max_results: int = 1000) -> list:
+    """Runs matching an MLflow ``filter_string`` (in ``experiment``, else in every experiment), newest first."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    if experiment is not None:
+        exp = client.get_experiment_by_name(experiment)
+        ids = [] if exp is None else [exp.experiment_id]
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    if not ids:
+        return []
+    return list(client.search_runs(ids, filter_string=filter_string, order_by=["attributes.start_time DESC"],
+                                   max_results=max_results))
+
+
+def log_artifacts(uri: str, run_id: str, directory: str | Path, artifact_path: str | None = None) -> None:
+    """Every file under ``directory`` as artifacts of the run (under ``artifact_path``)."""
+    import mlflow
+
+    mlflow.MlflowClient(uri).log_artifacts(run_id, str(directory), artifact_path)

@@ -1,28 +1,39 @@
-"""Evaluate driver: resolve the pretrained model, split by patient, train heads as Ray tasks, log Dice.
+"""Evaluate driver: resolve the pretrained model, split by patient, train each fold as a Ray task, log Dice.
 
-The pretrained backbone and the same architecture from random initialization run as two Ray tasks in
-parallel (one CPU or GPU each); the driver logs ``dice_<organ>``/``dice_mean`` (pretrained) and
-``random_init_dice_<organ>``/``random_init_dice_mean`` to one MLflow run tagged with the pretrain run id.
+Splits (``EvaluateConfig.split``): a patient-level ``holdout`` (one fold) or ``kfold`` cross-validation
+(KFold over patients, shuffled, seed 42; ``val_cases`` validation patients per fold; ``train_cases`` for
+label-efficiency curves). Every (fold, variant) pair, variant = pretrained weights or the same architecture
+from random initialization, is one Ray task (1 CPU, ``gpus_per_task`` GPUs) training the protocol's head
+(linear / nonlinear on frozen features, or finetune) and predicting the fold's test volumes whole.
+
+MLflow: one parent run (tags ``anatdiff.job=evaluate``, ``anatdiff.pretrain_run_id``, ``anatdiff.protocol``)
+with the mean and std across folds (``dice_<organ>``, ``dice_<organ>_std``, ``dice_mean``, ``dice_mean_std``,
+``random_init_*``), the per-organ table (markdown, CSV), per-case Dice CSV, bar chart and overlays; with k
+folds also one child run per fold (tag ``mlflow.parentRunId``) with that fold's Dice and loss curve.
 """
 
 from __future__ import annotations
 
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import tracking
 from pipeline.config import EvaluateConfig, UserError
-from pipeline.data.patches import load_volume_refs
-from pipeline.evaluation.metrics import dice_mean, dice_table
-from pipeline.evaluation.splits import holdout_split
+from pipeline.data.patches import VolumeRef, load_volume_refs
+from pipeline.evaluation.aggregate import (FoldSummary, mean_over_cases, per_case_csv, summarize_folds,
+                                           summary_csv, summary_table)
+from pipeline.evaluation.folds import evaluation_folds
+from pipeline.evaluation.metrics import dice_mean
 from pipeline.labels import ORGANS
 
+VARIANT_PREFIX = {"pretrained": "", "random_init": "random_init_"}
+VARIANT_LABEL = {"pretrained": "pretrained", "random_init": "random init"}
 
-def _evaluate_task(model_path: str, random_init: bool, cfg_json: dict, data_dir: str,
-                   train_ids: list[str], test_ids: list[str], coords_dir: str | None = None) -> dict:
+
+def _fold_task(model_path: str, random_init: bool, cfg_json: dict, data_dir: str, fold: dict[str, list[str]],
+               coords_dir: str | None = None) -> dict:
     """Runs in a Ray task: everything it needs is passed by value or path."""
     import torch
 
@@ -31,11 +42,11 @@ def _evaluate_task(model_path: str, random_init: bool, cfg_json: dict, data_dir:
 
     torch.set_num_threads(1)
     cfg = EvaluateConfig.model_validate(cfg_json)
+    device = "cuda" if cfg.gpus_per_task > 0 and torch.cuda.is_available() else "cpu"
     backbone, pretrain_cfg = load_pretrained(model_path, random_init=random_init, seed=cfg.seed)
     refs = {r.item_id: r for r in load_volume_refs(data_dir, require_labels=True, coords_dir=coords_dir)}
-    out = evaluate_backbone(backbone, pretrain_cfg, cfg, [refs[i] for i in train_ids],
-                            [refs[i] for i in test_ids])
-    return out
+    return evaluate_backbone(backbone, pretrain_cfg, cfg, [refs[i] for i in fold["train"]],
+                             [refs[i] for i in fold["test"]], [refs[i] for i in fold["val"]], device=device)
 
 
 def resolve_model(cfg: EvaluateConfig, uri: str, workdir: Path) -> tuple[str, str | None]:
@@ -54,37 +65,16 @@ def resolve_model(cfg: EvaluateConfig, uri: str, workdir: Path) -> tuple[str, st
     return str(local / "model.pt"), cfg.pretrain_run_id
 
 
-def mean_over_cases(per_case: dict[str, np.ndarray]) -> np.ndarray:
-    """(13,) mean Dice per organ over cases, NaN where no case has the organ (empty-organ rule)."""
-    stacked = np.stack(list(per_case.values()))
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(stacked, axis=0)
-
-
-def _log_results(uri: str, run_id: str, rows: dict[str, dict], test_refs, workdir: Path) -> str:
-    from pipeline.evaluation.report import dice_bar_chart, overlay_png
-
-    means = {}
-    for name, res in rows.items():
-        prefix = "" if name == "pretrained" else "random_init_"
-        per_organ = mean_over_cases(res["dice"])
-        means[name] = per_organ
-        metrics = {f"{prefix}dice_{organ}": v for organ, v in zip(ORGANS, per_organ)}
-        metrics[f"{prefix}dice_mean"] = dice_mean(per_organ)
-        tracking.log_metrics(uri, run_id, metrics)
-        for case, d in res["dice"].items():
-            tracking.log_metrics(uri, run_id, {f"{prefix}case_dice_mean.{case}": dice_mean(d)})
-    table = dice_table({"pretrained" if k == "pretrained" else "random init": v for k, v in means.items()})
-    (workdir / "dice_table.md").write_text(table + "\n")
-    dice_bar_chart(means, workdir / "dice_per_organ.png")
-    tracking.log_artifact(uri, run_id, workdir / "dice_table.md")
-    tracking.log_artifact(uri, run_id, workdir / "dice_per_organ.png")
-    for ref in test_refs[:2]:
-        png = workdir / f"overlay_{ref.item_id}.png"
-        overlay_png(np.asarray(ref.image()), np.asarray(ref.label()), rows["pretrained"]["pred"][ref.item_id], png)
-        tracking.log_artifact(uri, run_id, png, "overlays")
-    return table
+def plan_folds(cfg: EvaluateConfig, refs: list[VolumeRef]) -> list[dict[str, list[str]]]:
+    """The run's folds from the manifest's patient keys; a UserError says what to change if impossible."""
+    ids = [r.item_id for r in refs]
+    keys = [r.patient_key if isinstance(r.patient_key, str) else None for r in refs]
+    try:
+        return evaluation_folds(ids, keys, cfg.split, cfg.folds, cfg.fold_seed, cfg.val_cases, cfg.train_cases,
+                                cfg.test_fraction, cfg.seed)
+    except ValueError as e:
+        raise UserError(f"cannot split '{cfg.data}' ({len(ids)} labelled items) for evaluation with "
+                        f"split={cfg.split}, folds={cfg.folds}: {e}") from None
 
 
 def _guide_coords(model_path: str, data_dir: str, uri: str, workdir: Path, run_id: str) -> str | None:
@@ -107,44 +97,130 @@ def _run_of(spec: str | None) -> str:
     return spec[len("runs:/"):].strip("/").split("/")[0] if spec and spec.startswith("runs:/") else ""
 
 
+def _fold_metrics(res: dict, prefix: str) -> dict[str, float]:
+    per_organ = mean_over_cases(res["dice"])
+    out = {f"{prefix}dice_{o}": float(v) for o, v in zip(ORGANS, per_organ)}
+    out[f"{prefix}dice_mean"] = dice_mean(per_organ)
+    out.update({f"{prefix}case_dice_mean.{case}": dice_mean(d) for case, d in res["dice"].items()})
+    if res["val_dice"]:
+        out[f"{prefix}val_dice_mean"] = max(v for _, v in res["val_dice"])
+    if res["hd95"]:
+        hd = mean_over_cases(res["hd95"])
+        out.update({f"{prefix}hd95_{o}": float(v) for o, v in zip(ORGANS, hd)})
+    out[f"{prefix}seconds"] = res["seconds"]
+    return out
+
+
+def _log_fold_child(uri: str, run_id: str, cfg: EvaluateConfig, k: int, fold: dict, results: dict) -> None:
+    child = tracking.start_child_run(uri, run_id, f"fold-{k}", tags={
+        "anatdiff.job": "evaluate-fold", "anatdiff.fold": str(k), "anatdiff.protocol": cfg.protocol})
+    with tracking.run_status(uri, child):
+        tracking.log_params(uri, child, {"fold": k, "n_train": len(fold["train"]), "n_val": len(fold["val"]),
+                                         "n_test": len(fold["test"]), **{f"{s}_ids": ",".join(fold[s])
+                                                                         for s in ("train", "val", "test")}})
+        for name, res in results.items():
+            tracking.log_metrics(uri, child, _fold_metrics(res, VARIANT_PREFIX[name]))
+            tracking.log_metric_history(uri, child, f"{VARIANT_PREFIX[name]}train_loss", res["losses"],
+                                        range(1, len(res["losses"]) + 1))
+
+
+def _summaries(folds: list[dict], results: dict[tuple[int, str], dict], key: str = "dice") -> dict:
+    names = sorted({n for _, n in results}, key=list(VARIANT_PREFIX).index)
+    return {n: summarize_folds([mean_over_cases(results[(k, n)][key]) for k in range(len(folds))]) for n in names}
+
+
+def _log_parent(uri: str, run_id: str, cfg: EvaluateConfig, folds: list[dict], results: dict,
+                refs: dict[str, VolumeRef], workdir: Path) -> tuple[str, dict[str, FoldSummary]]:
+    from pipeline.evaluation.report import dice_bar_chart, overlay_png
+
+    summaries = _summaries(folds, results)
+    for name, summary in summaries.items():
+        tracking.log_metrics(uri, run_id, summary.metrics(VARIANT_PREFIX[name]))
+        if cfg.hd95:
+            tracking.log_metrics(uri, run_id, _summaries(folds, results, "hd95")[name].metrics(
+                VARIANT_PREFIX[name], name="hd95"))
+        per_case = {case: d for k in range(len(folds)) for case, d in results[(k, name)]["dice"].items()}
+        tracking.log_metrics(uri, run_id, {f"{VARIANT_PREFIX[name]}case_dice_mean.{case}": dice_mean(d)
+                                           for case, d in per_case.items()})
+    columns = {VARIANT_LABEL[n]: s for n, s in summaries.items()}
+    table = summary_table(columns, with_std=len(folds) > 1)
+    files = {"dice_table.md": table, "dice_table.csv": summary_csv(columns),
+             "dice_per_case.csv": per_case_csv([(k, case, d) for k in range(len(folds))
+                                                for case, d in results[(k, "pretrained")]["dice"].items()])}
+    for file, text in files.items():
+        (workdir / file).write_text(text)
+        tracking.log_artifact(uri, run_id, workdir / file)
+    chart = dice_bar_chart({VARIANT_LABEL[n]: s.organ_mean for n, s in summaries.items()},
+                           workdir / "dice_per_organ.png", title=f"Dice per organ ({cfg.protocol}, "
+                           f"{len(folds)} fold{'s' if len(folds) > 1 else ''})")
+    tracking.log_artifact(uri, run_id, chart)
+    for case in folds[0]["test"][:cfg.overlays]:
+        ref, png = refs[case], workdir / f"overlay_{case}.png"
+        overlay_png(np.asarray(ref.image()), np.asarray(ref.label()), results[(0, "pretrained")]["pred"][case], png,
+                    spacing_zyx_mm=ref.spacing_zyx_mm)
+        tracking.log_artifact(uri, run_id, png, "overlays")
+    return table, summaries
+
+
+def _start_parent(cfg: EvaluateConfig, uri: str, model_path: str, pretrain_run: str | None,
+                  folds: list[dict]) -> str:
+    tags = {"anatdiff.job": "evaluate", "anatdiff.protocol": cfg.protocol, "anatdiff.split": cfg.split,
+            "anatdiff.pretrain_run_id": pretrain_run or "", "anatdiff.checkpoint": model_path,
+            "anatdiff.train_cases": str(cfg.train_cases or "all")}
+    if pretrain_run:
+        ptags = tracking.get_run(uri, pretrain_run).data.tags
+        tags |= {f"anatdiff.{k}": ptags.get(f"anatdiff.{k}", "") for k in ("guidance", "objective")}
+    name = f"evaluate-{cfg.protocol}" + (f"-{len(folds)}fold" if cfg.split == "kfold" else "")
+    run_id = tracking.start_run(uri, cfg.tracking.experiment, name, tags=tags)
+    params = cfg.model_dump(mode="json") | {"n_folds": len(folds)}
+    if len(folds) == 1:
+        params |= {"n_train": len(folds[0]["train"]), "n_test": len(folds[0]["test"]),
+                   "train_ids": ",".join(folds[0]["train"]), "test_ids": ",".join(folds[0]["test"])}
+    tracking.log_params(uri, run_id, params)
+    return run_id
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict:
-    """Driver of the evaluate job. Returns the run id, the Dice table and per-organ means."""
+    """Driver of the evaluate job.
+
+    Returns ``run_id``, ``tracking_uri``, ``table`` (markdown), ``dice_mean`` {variant: mean across folds},
+    ``dice_mean_std``, ``per_organ`` {variant: (13,) mean across folds}, ``folds`` (the splits),
+    ``fold_run_ids``, and ``train_ids``/``test_ids`` (of the first fold; all test ids with k folds).
+    """
     import ray
 
     from pipeline.distributed.runtime import init_ray
 
     data_dir = str(Path(cfg.data).resolve())
     refs = load_volume_refs(data_dir, require_labels=True)
-    ids = [r.item_id for r in refs]
-    keys = [r.patient_key if isinstance(r.patient_key, str) else None for r in refs]
-    try:
-        train_ids, test_ids = holdout_split(ids, keys, cfg.test_fraction, seed=cfg.seed)
-    except ValueError as e:
-        raise UserError(f"cannot split '{data_dir}' for evaluation: {e}") from None
+    folds = plan_folds(cfg, refs)
     uri = tracking.connect(cfg.tracking.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         model_path, pretrain_run = resolve_model(cfg, uri, workdir)
-        tags = {"anatdiff.job": "evaluate", "anatdiff.protocol": cfg.protocol,
-                "anatdiff.pretrain_run_id": pretrain_run or "", "anatdiff.checkpoint": model_path}
-        if pretrain_run:
-            guidance = tracking.get_run(uri, pretrain_run).data.tags.get("anatdiff.guidance", "")
-            tags["anatdiff.guidance"] = guidance
-        run_id = tracking.start_run(uri, cfg.tracking.experiment, f"evaluate-{cfg.protocol}", tags=tags)
+        run_id = _start_parent(cfg, uri, model_path, pretrain_run, folds)
         with tracking.run_status(uri, run_id):
-            tracking.log_params(uri, run_id, cfg.model_dump(mode="json") | {
-                "n_train": len(train_ids), "n_test": len(test_ids),
-                "train_ids": ",".join(train_ids), "test_ids": ",".join(test_ids)})
             init_ray(cfg.num_cpus)
             coords_dir = _guide_coords(model_path, data_dir, uri, workdir, run_id)
-            task = ray.remote(num_cpus=1)(_evaluate_task)
+            task = ray.remote(num_cpus=1, num_gpus=cfg.gpus_per_task)(_fold_task)
             variants = {"pretrained": False} | ({"random_init": True} if cfg.compare_random_init else {})
-            futures = {name: task.remote(model_path, rnd, cfg.model_dump(mode="json"), data_dir,
-                                         train_ids, test_ids, coords_dir) for name, rnd in variants.items()}
-            rows = {name: ray.get(f) for name, f in futures.items()}
-            by_id = {r.item_id: r for r in refs}
-            table = _log_results(uri, run_id, rows, [by_id[i] for i in test_ids], workdir)
-    means = {name: float(dice_mean(mean_over_cases(r["dice"])))
-             for name, r in rows.items()}
-    return {"run_id": run_id, "tracking_uri": uri, "table": table, "dice_mean": means,
-            "test_ids": test_ids, "train_ids": train_ids}
+            cfg_json = cfg.model_dump(mode="json")
+            futures = {(k, name): task.remote(model_path, rnd, cfg_json, data_dir, fold, coords_dir)
+                       for k, fold in enumerate(folds) for name, rnd in variants.items()}
+            results = {key: ray.get(f) for key, f in futures.items()}
+            if len(folds) > 1:
+                for k, fold in enumerate(folds):
+                    _log_fold_child(uri, run_id, cfg, k, fold, {n: results[(k, n)] for n in variants})
+            table, summaries = _log_parent(uri, run_id, cfg, folds, results, {r.item_id: r for r in refs}, workdir)
+    return {"run_id": run_id, "tracking_uri": uri, "table": table,
+            "dice_mean": {n: s.mean for n, s in summaries.items()},
+            "dice_mean_std": {n: s.std for n, s in summaries.items()},
+            "per_organ": {n: s.organ_mean for n, s in summaries.items()}, "folds": folds,
+            "fold_run_ids": tracking_children(uri, run_id) if len(folds) > 1 else [],
+            "train_ids": folds[0]["train"], "test_ids": [i for f in folds for i in f["test"]]}
+
+
+def tracking_children(uri: str, run_id: str) -> list[str]:
+    """Ids of the child (fold) runs of an evaluate run, fold order."""
+    runs = tracking.find_runs(uri, f"tags.`mlflow.parentRunId` = '{run_id}'")
+    return [r.info.run_id for r in sorted(runs, key=lambda r: int(r.data.tags.get("anatdiff.fold", 0)))]
