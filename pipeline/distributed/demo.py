@@ -99,10 +99,21 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     print("\nDice on held-out phantoms (" + ", ".join(evaluation["test_ids"]) + "):\n")
     print(evaluation["table"])
+    comparison = _compare(cfg, pretrain["run_id"], ev.protocol)
     uri = evaluation["tracking_uri"]
     print(f"\nTotal {time.perf_counter() - t_start:.0f} s. Runs are in MLflow at {uri}.")
     print(f"Open the UI with:  .venv/bin/mlflow ui --backend-store-uri {uri}")
-    return {"guide_run": guide_run, "pretrain": pretrain, "evaluate": evaluation}
+    return {"guide_run": guide_run, "pretrain": pretrain, "evaluate": evaluation, "compare": comparison}
+
+
+def _compare(cfg: DemoConfig, pretrain_run_id: str, protocol: str) -> dict:
+    """The comparison table across pretraining runs in this MLflow store (here: this demo's run)."""
+    from pipeline.config import CompareConfig
+    from pipeline.evaluation.compare import run_compare
+
+    out = run_compare(CompareConfig(run_ids=(pretrain_run_id,), protocol=protocol, tracking=cfg.tracking))
+    print(f"\nComparison logged to MLflow run {out['run_id']} (anatdiff compare RUN_ID... adds more rows).")
+    return out
 
 
 def _project_path(path: str) -> Path | None:
