@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 from pipeline.config import (DemoConfig, EvaluateConfig, GuideConfig, PreprocessConfig,
                              PretrainConfig, StrictModel, SynthConfig, UserError, load_config,
                              parse_set_overrides)
-from pipeline.tracking import resolve_tracking_uri
+from pipeline.tracking import DEFAULT_TRACKING_URI, resolve_tracking_uri
 
 # Never uploaded: environments, VCS data, run outputs, local MLflow stores, caches (gitwildmatch patterns).
 # Ray also honours the working dir's .gitignore; these hold when it has none (a copied tree, --working-dir).
@@ -74,7 +74,7 @@ def tracking_env(address: str, environ: Mapping[str, str]) -> tuple[dict[str, st
     uri = environ.get("MLFLOW_TRACKING_URI", "")
     relative_sqlite = not uri or (uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"))
     if is_local_address(address):
-        return {"MLFLOW_TRACKING_URI": resolve_tracking_uri(uri or None)}, None
+        return {"MLFLOW_TRACKING_URI": resolve_tracking_uri(uri or DEFAULT_TRACKING_URI)}, None
     if relative_sqlite:
         raise UserError(
             f"MLFLOW_TRACKING_URI is {uri or 'unset (default sqlite:///mlflow.db)'}: a job on the remote "
