@@ -6,7 +6,7 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("jobs.demo", "synth -> preprocess -> pretrain -> evaluate on a local Ray + MLflow (~10 min, CPU)"),
+    "demo": ("jobs.demo", "synth -> preprocess -> train-guide -> pretrain -> evaluate -> compare, local Ray + MLflow (~5 min)"),
     "synth": ("jobs.synth", "write a synthetic CT phantom corpus (NIfTI or DICOM, optional labels)"),
     "preprocess": ("jobs.preprocess", "Ray Data: CT corpus -> canonical resampled volumes + manifest"),
     "train-guide": ("jobs.train_guide", "Ray Train: the self-supervised body-coordinate guide, scored"),
