@@ -154,6 +154,8 @@ class GuideModelConfig(StrictModel):
     channels: tuple[int, ...] = Field((16, 32, 64), description="encoder channels per level")
     stride: int = Field(4, description="output stride of the coordinate map (upsampled when used)")
     blocks_per_level: int = Field(1, ge=1, le=4)
+    padding_mode: Literal["zeros", "replicate", "reflect"] = Field(
+        "replicate", description="conv padding; zeros lets the net read its position in the crop")
 
 
 class GuideConfig(StrictModel):

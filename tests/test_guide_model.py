@@ -142,3 +142,18 @@ def test_collate_pairs_shapes_and_errors():
         collate_pairs([])
     with pytest.raises(ValueError, match="lack"):
         collate_pairs([{"image": np.zeros(1)}])
+
+
+def test_padding_mode_hides_crop_borders_and_round_trips(tmp_path):
+    """Replicate padding (the default) survives save/load; zeros stays available as an option."""
+    from pipeline.guide.inference import load_guide, save_guide
+    from pipeline.guide.model import CoordinateGuide
+
+    guide = CoordinateGuide(channels=(8, 16))
+    padded = [m for m in guide.modules() if isinstance(m, torch.nn.Conv3d) and any(p > 0 for p in m.padding)]
+    assert padded and all(m.padding_mode == "replicate" for m in padded)
+    loaded = load_guide(save_guide(tmp_path / "guide.pt", guide))
+    assert loaded.config()["padding_mode"] == "replicate"
+    assert CoordinateGuide(channels=(8, 16), padding_mode="zeros").config()["padding_mode"] == "zeros"
+    with pytest.raises(ValueError, match="padding_mode"):
+        CoordinateGuide(channels=(8, 16), padding_mode="circular-ish")

@@ -29,7 +29,7 @@ GUIDE_FILE = "guide.pt"
 
 def build_guide(cfg: GuideConfig) -> CoordinateGuide:
     return CoordinateGuide(channels=cfg.model.channels, stride=cfg.model.stride,
-                           blocks_per_level=cfg.model.blocks_per_level)
+                           blocks_per_level=cfg.model.blocks_per_level, padding_mode=cfg.model.padding_mode)
 
 
 def pair_batch(refs, cfg: GuideConfig, rank: int, step: int) -> tuple[dict, np.random.Generator]:

@@ -25,12 +25,15 @@ class CoordinateGuide(nn.Module):
     channels: features per level; level i works at stride ``stride * 2**i``.
     stride: output stride of ``forward`` (APE: 4).
     init_axis_scale_mm: initial mm per coordinate unit along (z, y, x); learned (``axis_scale_mm``).
+    padding_mode: of every padded conv. "replicate" (default) hides where a crop ends: with zero padding the
+        network can read its position inside the crop from the border and learns crop-relative coordinates
+        (measured: landmark spread 1.85 with zeros vs 0.63 with replicate, docs/guide.md).
     Input: (B, 1, D, H, W) float, HU in ``GUIDE_WINDOW_HU`` scaled to [0, 1]; D, H, W multiples of
     ``size_multiple`` (= stride * 2**(levels - 1)).
     """
 
     def __init__(self, channels=(16, 32, 64), stride: int = 4, blocks_per_level: int = 1,
-                 init_axis_scale_mm=(1000.0, 1000.0, 1000.0)):
+                 init_axis_scale_mm=(1000.0, 1000.0, 1000.0), padding_mode: str = "replicate"):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         if len(channels) < 1 or any(c < 1 or c % 8 for c in channels) or int(stride) < 1 or blocks_per_level < 1:
@@ -50,6 +53,12 @@ class CoordinateGuide(nn.Module):
         self.dec = nn.ModuleList(self._stage(2 * c[i], c[i]) for i in range(len(c) - 1))
         self.head = nn.Sequential(nn.GroupNorm(num_groups(c[0]), c[0]), nn.SiLU(), nn.Conv3d(c[0], 3, 1))
         self.log_axis_scale_mm = nn.Parameter(scale.log())
+        if padding_mode not in ("zeros", "replicate", "reflect"):
+            raise ValueError(f"padding_mode must be zeros, replicate or reflect, got {padding_mode!r}")
+        self.padding_mode = padding_mode
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d) and any(p > 0 for p in m.padding):
+                m.padding_mode = padding_mode
 
     def _stage(self, first_in: int, ch: int) -> nn.ModuleList:
         return nn.ModuleList(ResBlock3D(first_in if b == 0 else ch, ch) for b in range(self.blocks_per_level))
@@ -61,7 +70,8 @@ class CoordinateGuide(nn.Module):
 
     def config(self) -> dict:
         """Constructor arguments, JSON-serializable (what ``save_guide`` stores)."""
-        return {"channels": list(self.channels), "stride": self.stride, "blocks_per_level": self.blocks_per_level}
+        return {"channels": list(self.channels), "stride": self.stride, "blocks_per_level": self.blocks_per_level,
+                "padding_mode": self.padding_mode}
 
     def _check_input(self, x: torch.Tensor) -> None:
         m = self.size_multiple
