@@ -235,3 +235,11 @@ def log_artifacts(uri: str, run_id: str, directory: str | Path, artifact_path: s
     import mlflow
 
     mlflow.MlflowClient(uri).log_artifacts(run_id, str(directory), artifact_path)
+
+
+def metric_values(uri: str, run_id: str, key: str) -> list[float]:
+    """A metric's logged values in step order."""
+    import mlflow
+
+    history = mlflow.MlflowClient(uri).get_metric_history(run_id, key)
+    return [m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))]

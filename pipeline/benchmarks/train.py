@@ -58,24 +58,20 @@ def plain_steps_per_s(cfg: PretrainConfig, data: Path, steps: int, warmup: int =
 
 
 def _ray_figures(cfg: PretrainConfig) -> dict[str, float]:
-    import mlflow
-
+    from pipeline import tracking
     from pipeline.distributed.pretrain import run_pretrain
 
     t0 = time.perf_counter()
     out = run_pretrain(cfg)
     wall = time.perf_counter() - t0
-    client = mlflow.MlflowClient(out["tracking_uri"])
-    steady = {k: [m.value for m in sorted(client.get_metric_history(out["run_id"], k), key=lambda m: m.step)][1:]
+    steady = {k: tracking.metric_values(out["tracking_uri"], out["run_id"], k)[1:]
               for k in ("steps_per_s", "data_wait_fraction")}
     return {"steps_per_s": float(np.mean(steady["steps_per_s"])),
             "data_wait_fraction": float(np.mean(steady["data_wait_fraction"])), "wall_s": wall}
 
 
 def run(workdir: str | None = None, quick: bool = False) -> dict:
-    import ray
-
-    from pipeline.distributed.runtime import init_ray
+    from pipeline.distributed.patch_dataset import local_ray
 
     steps = 30 if quick else 80
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,14 +83,11 @@ def run(workdir: str | None = None, quick: bool = False) -> dict:
             "optim": {"steps": steps + 10, "warmup_steps": 5}, "log_every": 10, "checkpoint_every": 10_000,
             "tracking": {"tracking_uri": uri}})
         plain = plain_steps_per_s(base, data, steps)
-        t0 = time.perf_counter()
-        init_ray()
-        startup = time.perf_counter() - t0
-        one = _ray_figures(base.model_copy(update={"run_name": "bench-1w", "scaling": base.scaling.model_copy(
-            update={"num_workers": 1})}))
-        two = _ray_figures(base.model_copy(update={"run_name": "bench-2w", "scaling": base.scaling.model_copy(
-            update={"num_workers": 2})}))
-        ray.shutdown()
+        with local_ray() as startup:
+            one = _ray_figures(base.model_copy(update={"run_name": "bench-1w", "scaling": base.scaling.model_copy(
+                update={"num_workers": 1})}))
+            two = _ray_figures(base.model_copy(update={"run_name": "bench-2w", "scaling": base.scaling.model_copy(
+                update={"num_workers": 2})}))
         plain_after = plain_steps_per_s(base, data, steps)  # bracket the Ray runs: load drifts on shared hosts
     plain = (plain + plain_after) / 2
     return {
