@@ -40,32 +40,26 @@ class VolumeRef:
     coords_path: Path | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
+    def _memmap(self, name: str, path: Path | None) -> np.ndarray | None:
+        """``path`` opened once as a read-only memory map (None when the file does not exist for this item)."""
+        if path is None:
+            return None
+        if name not in self._cache:
+            self._cache[name] = np.load(path, mmap_mode="r")
+        return self._cache[name]
+
     def image(self) -> np.ndarray:
-        if "image" not in self._cache:
-            self._cache["image"] = np.load(self.image_path, mmap_mode="r")
-        return self._cache["image"]
+        return self._memmap("image", self.image_path)
 
     def mask(self) -> np.ndarray | None:
-        if self.mask_path is None:
-            return None
-        if "mask" not in self._cache:
-            self._cache["mask"] = np.load(self.mask_path, mmap_mode="r")
-        return self._cache["mask"]
+        return self._memmap("mask", self.mask_path)
 
     def label(self) -> np.ndarray | None:
-        if self.label_path is None:
-            return None
-        if "label" not in self._cache:
-            self._cache["label"] = np.load(self.label_path, mmap_mode="r")
-        return self._cache["label"]
+        return self._memmap("label", self.label_path)
 
     def coords(self) -> np.ndarray | None:
         """The learned guide's (3, D, H, W) map, when one was computed for this volume."""
-        if self.coords_path is None:
-            return None
-        if "coords" not in self._cache:
-            self._cache["coords"] = np.load(self.coords_path, mmap_mode="r")
-        return self._cache["coords"]
+        return self._memmap("coords", self.coords_path)
 
     def body_bbox_zyx(self) -> tuple[tuple[int, int], ...]:
         """Inclusive (first, last) voxel of the body along z, y, x (whole volume without a mask)."""

@@ -38,14 +38,12 @@ def guide_id(guide_file: Path) -> str:
 def _write_map(row: dict) -> dict:
     import torch
 
-    from pipeline.guide.inference import load_guide
+    from pipeline.guide.inference import load_guide, predict_coords
 
     torch.set_num_threads(1)
     out = Path(row["out"])
     volume = np.load(row["image"], mmap_mode="r")
     guide = load_guide(row["guide"])
-    from pipeline.guide.inference import predict_coords
-
     coords = predict_coords(guide, np.asarray(volume)).astype(np.float16)
     tmp = out.with_suffix(".tmp.npy")
     np.save(tmp, coords)

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import (DemoConfig, EvaluateConfig, GuideConfig, PreprocessConfig, PretrainConfig,
-                             SynthConfig, load_config)
+                             SynthConfig, deep_update, load_config)
 
 STAGES = 5
 
@@ -85,13 +85,13 @@ def run_demo(cfg: DemoConfig) -> dict:
         model["guide_checkpoint"] = f"runs:/{guide_run}"
     overrides = {"data": data["unlabeled"], "run_name": f"demo-{stamp}", "storage_path": str(work / "runs"),
                  "tracking": cfg.tracking.model_dump(), "model": model}
-    pt = load_config(PretrainConfig, cfg.pretrain_preset, _merge(overrides, cfg.pretrain))
+    pt = load_config(PretrainConfig, cfg.pretrain_preset, deep_update(overrides, cfg.pretrain))
     pretrain = run_pretrain(pt)
     print(f"      MLflow run {pretrain['run_id']}", flush=True)
     _done(t0)
 
     t0 = _stage(5, "evaluating: non-linear head on frozen features, pretrained vs random init")
-    ev = load_config(EvaluateConfig, cfg.evaluate_preset, _merge({
+    ev = load_config(EvaluateConfig, cfg.evaluate_preset, deep_update({
         "data": data["labeled"], "pretrain_run_id": pretrain["run_id"],
         "tracking": cfg.tracking.model_dump()}, cfg.evaluate))
     evaluation = run_evaluate(ev)
@@ -124,8 +124,3 @@ def _project_path(path: str) -> Path | None:
     print(f"      (no real CT at {path}: the guide's real-CT check is skipped)")
     return None
 
-
-def _merge(base: dict, extra: dict) -> dict:
-    from pipeline.config import deep_update
-
-    return deep_update(base, extra)

@@ -71,13 +71,6 @@ class BackboneFeatures(nn.Module):
             return [torch.cat(level, dim=1) for level in zip(*per_t)]
 
 
-class FrozenFeatures(BackboneFeatures):
-    """``BackboneFeatures`` of a frozen backbone (the linear and non-linear protocols)."""
-
-    def __init__(self, backbone: nn.Module, pretrain_cfg: PretrainConfig, timesteps: tuple[int, ...]):
-        super().__init__(backbone, pretrain_cfg, timesteps, trainable=False)
-
-
 def pack_batch(batch: dict[str, np.ndarray], generator: torch.Generator) -> torch.Tensor:
     """(B, 5, D, H, W): image [0, 1], body-box coords (3), standard normal noise."""
     image = torch.from_numpy(batch["image"])

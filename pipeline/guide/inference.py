@@ -17,13 +17,14 @@ from pipeline.config import UserError
 from pipeline.data.patches import PAD_HU, scale_hu
 from pipeline.evaluation.sliding import sliding_window_predict
 from pipeline.guide.model import GUIDE_WINDOW_HU, CoordinateGuide
+from pipeline.train.checkpoint import unwrap
 
 GUIDE_FORMAT = "anatdiff.guide/1"
 
 
 def save_guide(path: str | Path, model: CoordinateGuide, meta: dict[str, Any] | None = None) -> Path:
     """Write ``guide.pt`` (weights incl. the axis scale, constructor config, ``meta``); returns the path."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"format": GUIDE_FORMAT, "state_dict": model.state_dict(), "config": model.config(),

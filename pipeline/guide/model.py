@@ -116,7 +116,3 @@ def sample_coords(coord_maps: torch.Tensor, index_zyx: torch.Tensor, stride: int
     return out[:, :, :, 0, 0].transpose(1, 2)
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-

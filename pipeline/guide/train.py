@@ -13,6 +13,7 @@ from torch import nn
 from pipeline.guide.crops import crop_positions_mm
 from pipeline.guide.losses import consistency_loss, distance_loss, mean_pairwise_distance
 from pipeline.guide.model import sample_coords
+from pipeline.train.checkpoint import unwrap
 
 PAIR_KEYS = ("image", "body", "origin_zyx_mm", "spacing_zyx_mm")
 
@@ -28,11 +29,6 @@ def collate_pairs(pairs: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]
     return {k: torch.from_numpy(np.stack([np.asarray(p[k]) for p in pairs])) for k in PAIR_KEYS}
 
 
-def _bare(model: nn.Module) -> nn.Module:
-    """The CoordinateGuide under DDP / torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
 
 
 def sample_voxel_indices(body: np.ndarray, n_points: int, rng: np.random.Generator,
@@ -90,7 +86,7 @@ def guide_loss(model: nn.Module, pair_batch: dict[str, torch.Tensor], n_points: 
     Returns (scalar loss, info: floats ``loss``, ``distance_loss``, ``consistency_loss``,
     ``axis_scale_{z,y,x}_mm``).
     """
-    guide = _bare(model)
+    guide = unwrap(model)
     image = pair_batch["image"]
     n_pairs = image.shape[0]
     maps = model(image.flatten(0, 1).float())                            # (2B, 3, d, h, w)
