@@ -148,3 +148,69 @@ def test_bbox_with_margin_is_clipped_to_the_array():
     assert bbox_zyx(mask, (2, 2, 2)) == (slice(1, 7), slice(0, 4), slice(7, 14))
     with pytest.raises(ValueError, match="empty"):
         bbox_zyx(np.zeros((3, 3, 3), bool))
+
+
+@pytest.mark.parametrize("direction", [None, np.diag([1.0, -1.0, -1.0])])
+@pytest.mark.parametrize("spacing_zyx", [(2.0, 1.0, 1.0), (3.0, 3.0, 3.0), (0.7, 1.5, 1.2)])
+def test_slab_resampling_equals_the_whole_volume_resampling(spacing_zyx, direction):
+    """resample_hu_int16 (separable matrices, slab by slab) = resample_to_spacing (scipy Gaussian + ITK
+    linear) rounded to int16, to within 1 HU of rounding, whatever the slab size and direction."""
+    from scipy import ndimage
+
+    from pipeline.ingest.geometry import resample_hu_int16
+
+    rng = np.random.default_rng(3)
+    arr = (3 * ndimage.gaussian_filter(rng.normal(0, 300, size=(41, 30, 35)), 1)).astype(np.int16)
+    img = _image(arr, (0.8, 0.8, 1.0), (3.0, -5.0, 100.0), direction)
+    whole = np.clip(np.rint(sitk.GetArrayFromImage(resample_to_spacing(img, spacing_zyx))), -1024, 3071)
+    for slab_voxels in (1 << 22, 700):
+        out, grid = resample_hu_int16(img, spacing_zyx, slab_voxels=slab_voxels)
+        assert out.dtype == np.int16 and out.shape == whole.shape
+        assert np.abs(out.astype(int) - whole).max() <= 1
+    ref = resample_to_spacing(img, spacing_zyx)
+    assert grid.size_xyz == ref.GetSize() and grid.spacing_xyz == pytest.approx(ref.GetSpacing())
+    assert grid.origin_xyz == pytest.approx(ref.GetOrigin()) and grid.point((1, 2, 3)) == pytest.approx(
+        ref.TransformContinuousIndexToPhysicalPoint((1.0, 2.0, 3.0)))
+
+
+def test_already_canonical_image_is_not_copied():
+    _, a = _canonical_a()
+    assert to_canonical(a) is a
+
+
+def test_fill_holes_of_all_slices_at_once_equals_slice_by_slice():
+    from scipy import ndimage
+
+    from pipeline.ingest.body import fill_holes_per_slice
+
+    mask = np.random.default_rng(0).random((6, 20, 24)) > 0.45
+    expected = np.stack([ndimage.binary_fill_holes(s) for s in mask])
+    np.testing.assert_array_equal(fill_holes_per_slice(mask), expected)
+
+
+def test_coarse_body_mask_matches_full_resolution_with_an_exact_skin_line():
+    from pipeline.ingest.body import coarse_factors
+
+    vol, body, table = _patient_on_table(2)
+    big = vol.repeat(3, axis=1).repeat(3, axis=2)          # 64 x 64 slices -> 192 x 192 at "1 mm"
+    full = body_mask(big)
+    coarse = body_mask(big, spacing_zyx_mm=(3.0, 1.0, 1.0), coarse_mm=3.0)
+    assert coarse_factors((3.0, 1.0, 1.0), 3.0) == (1, 3, 3)
+    dice = 2 * (full & coarse).sum() / (full.sum() + coarse.sum())
+    assert dice > 0.995
+    assert not (coarse & (big <= -500) & ~full).any() or dice > 0.999   # no air added outside the body
+    assert coarse[body.repeat(3, axis=1).repeat(3, axis=2)].all()        # lung hole still filled
+    small = body_mask(vol, spacing_zyx_mm=(1.0, 0.5, 0.5))               # too few blocks: full resolution
+    np.testing.assert_array_equal(small, body_mask(vol))
+
+
+def test_integer_hu_histogram_equals_the_float_histogram():
+    from pipeline.ingest.report import HU_EDGES, hu_histogram
+
+    rng = np.random.default_rng(0)
+    values = rng.integers(-3000, 4000, size=(30, 40, 50)).astype(np.int16)
+    values.flat[:4] = [2000, -1024, 3071, -1025]
+    mask = rng.random(values.shape) > 0.3
+    expected = np.histogram(np.clip(values[mask].astype(float), HU_EDGES[0], HU_EDGES[-1]), bins=HU_EDGES)[0]
+    np.testing.assert_array_equal(hu_histogram(values, mask), expected)
+    np.testing.assert_array_equal(hu_histogram(values[mask].astype(np.float32)), expected)

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from pipeline.config import PreprocessConfig
 from pipeline.ingest.body import bbox_zyx, body_mask
-from pipeline.ingest.geometry import crop_to_bbox, resample_label_onto, resample_to_spacing, to_canonical
+from pipeline.ingest.geometry import Grid, resample_hu_int16, resample_label_onto, to_canonical
 from pipeline.ingest.manifest import empty_row, patient_key, skipped_row
 from pipeline.ingest.phi import scanner_key
 from pipeline.ingest.qc import (MIN_SLICES, Rejected, check_complete, check_ct_intensity, check_header,
@@ -99,8 +99,8 @@ def read_checked(item: Item, max_voxels: int) -> sitk.Image:
     return image
 
 
-def label_on_grid(label_path: str, reference: sitk.Image) -> np.ndarray:
-    """(Z, Y, X) uint8 BTCV label sampled onto ``reference`` in physical space. Raises Rejected."""
+def label_on_grid(label_path: str, grid: Grid) -> np.ndarray:
+    """(Z, Y, X) uint8 BTCV label sampled onto ``grid`` in physical space. Raises Rejected."""
     try:
         label = read_image(label_path)
     except Exception as e:  # noqa: BLE001
@@ -111,7 +111,7 @@ def label_on_grid(label_path: str, reference: sitk.Image) -> np.ndarray:
     values = np.unique(sitk.GetArrayViewFromImage(label))
     if values.min() < 0 or values.max() > NUM_ORGANS or np.any(values != np.round(values)):
         raise Rejected(f"bad label: values {values[:8].tolist()} not integers in 0..{NUM_ORGANS} (BTCV)")
-    out = sitk.GetArrayFromImage(resample_label_onto(sitk.Cast(label, sitk.sitkUInt8), reference))
+    out = sitk.GetArrayFromImage(resample_label_onto(sitk.Cast(label, sitk.sitkUInt8), grid.image(sitk.sitkUInt8)))
     if values.max() > 0 and not out.any():
         raise Rejected("label outside image: no labelled voxel falls inside the image in physical space")
     return out
@@ -134,25 +134,24 @@ def _process(item: Item, cfg: PreprocessConfig, out_dir: Path, row: dict, salt: 
     canonical = to_canonical(read_checked(item, cfg.max_voxels))
     row["spacing_mm"] = list(canonical.GetSpacing()[::-1])
     row["source_shape"] = list(canonical.GetSize()[::-1])
-    resampled = resample_to_spacing(canonical, cfg.target_spacing_zyx_mm)
+    volume_hu, grid = resample_hu_int16(canonical, cfg.target_spacing_zyx_mm, HU_RANGE)
     del canonical
-    label = label_on_grid(item.label, resampled) if item.label else None
-    volume_hu = np.clip(np.rint(sitk.GetArrayViewFromImage(resampled)), *HU_RANGE).astype(np.int16)
-    mask = body_mask(volume_hu, cfg.body_threshold_hu)
+    label = label_on_grid(item.label, grid) if item.label else None
+    mask = body_mask(volume_hu, cfg.body_threshold_hu, spacing_zyx_mm=cfg.target_spacing_zyx_mm)
     if not mask.any():
         raise Rejected(f"no body: no connected region above {cfg.body_threshold_hu} HU")
-    row["hu_hist_body"] = hu_histogram(volume_hu[mask]).tolist()
     margin = tuple(math.ceil(CROP_MARGIN_MM / s) for s in cfg.target_spacing_zyx_mm)
     box = bbox_zyx(mask, margin)
-    origin = crop_to_bbox(resampled, box).GetOrigin()
-    arrays = {"image_path": ("volumes", volume_hu[box]), "mask_path": ("masks", mask[box].astype(np.uint8))}
+    row["hu_hist_body"] = hu_histogram(volume_hu[box], mask[box]).tolist()
+    arrays = {"image_path": ("volumes", volume_hu[box]), "mask_path": ("masks", mask[box].view(np.uint8))}
     if label is not None:
         arrays["label_path"] = ("labels", label[box])
     for column, (folder, array) in arrays.items():
         rel = f"{folder}/{item.item_id}.npy"
-        save_npy_atomic(out_dir / rel, np.ascontiguousarray(array))
+        save_npy_atomic(out_dir / rel, array)   # np.save writes a non-contiguous view without a full copy
         row[column] = rel
-    row.update(shape=list(volume_hu[box].shape), origin_xyz_mm=list(origin), has_label=label is not None)
+    row.update(shape=list(volume_hu[box].shape), origin_xyz_mm=list(grid.point([b.start for b in box[::-1]])),
+               has_label=label is not None)
 
 
 def split_dicom_folder(item: Item) -> tuple[list[Item], list[tuple[str, str]]]:

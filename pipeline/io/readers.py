@@ -131,29 +131,50 @@ def nifti_nonfinite_count(path: str | Path) -> int:
     return int(data.size - np.count_nonzero(np.isfinite(data)))
 
 
+def _nifti_header(head: bytes, path: Path) -> tuple[str, int, int]:
+    """(endian, expected data bytes, vox_offset) from the first 540 bytes of a NIfTI-1/-2 file."""
+    endian = next((e for e in "<>" if len(head) >= 4 and struct.unpack(e + "i", head[:4])[0] in (348, 540)), None)
+    if endian is None:
+        raise ValueError(f"'{path}' is not a NIfTI file (header size field {head[:4]!r})")
+    if struct.unpack(endian + "i", head[:4])[0] == 348:
+        dims = struct.unpack(endian + "8h", head[40:56])
+        bitpix = struct.unpack(endian + "h", head[72:74])[0]
+        offset = int(struct.unpack(endian + "f", head[108:112])[0])
+    else:
+        bitpix = struct.unpack(endian + "h", head[14:16])[0]
+        dims = struct.unpack(endian + "8q", head[16:80])
+        offset = struct.unpack(endian + "q", head[168:176])[0]
+    expected = int(np.prod([max(int(d), 1) for d in dims[1:1 + max(int(dims[0]), 1)]])) * bitpix // 8
+    return endian, expected, offset
+
+
+def _gzip_isize(path: Path) -> int | None:
+    """The gzip trailer's ISIZE (uncompressed size mod 2**32 of the last member), None for a tiny file."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        if f.tell() < 18:
+            return None
+        f.seek(-4, 2)
+        return struct.unpack("<I", f.read(4))[0]
+
+
 def nifti_data_bytes(path: str | Path) -> tuple[int, int]:
     """(bytes the NIfTI-1/-2 header promises after its vox_offset, bytes actually stored there).
 
     SimpleITK reads a truncated ``.nii`` or ``.nii.gz`` without complaint (the missing voxels come back as
-    0), so compare the two. A ``.gz`` stream is decompressed to count; a cut stream counts what it yielded.
-    Raises ValueError when the file is not NIfTI.
+    0), so compare the two. ``.nii``: the file size. ``.nii.gz``: when the gzip trailer's ISIZE equals
+    (vox_offset + expected) mod 2**32 the stream is whole (a cut stream ends in compressed bytes that match
+    by chance with probability 2**-32), without decompressing; otherwise the stream is decompressed to count
+    what it yields (a cut stream counts what it yielded). Raises ValueError when the file is not NIfTI.
     """
     path = Path(path)
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as f:
-        head = f.read(540)
-        endian = next((e for e in "<>" if struct.unpack(e + "i", head[:4])[0] in (348, 540)), None)
-        if endian is None:
-            raise ValueError(f"'{path}' is not a NIfTI file (header size field {head[:4]!r})")
-        if struct.unpack(endian + "i", head[:4])[0] == 348:
-            dims = struct.unpack(endian + "8h", head[40:56])
-            bitpix = struct.unpack(endian + "h", head[72:74])[0]
-            offset = int(struct.unpack(endian + "f", head[108:112])[0])
-        else:
-            bitpix = struct.unpack(endian + "h", head[14:16])[0]
-            dims = struct.unpack(endian + "8q", head[16:80])
-            offset = struct.unpack(endian + "q", head[168:176])[0]
-        expected = int(np.prod([max(int(d), 1) for d in dims[1:1 + max(int(dims[0]), 1)]])) * bitpix // 8
+    gz = path.name.lower().endswith(".gz")
+    with (gzip.open if gz else open)(path, "rb") as f:
+        _, expected, offset = _nifti_header(f.read(540), path)
+        if not gz:
+            return expected, max(path.stat().st_size - offset, 0)
+        if _gzip_isize(path) == (offset + expected) % 2 ** 32:
+            return expected, expected
         f.seek(0)
         stored = 0
         try:
