@@ -90,10 +90,10 @@ def prepare(root: Path, n: int, spacing_zyx_mm) -> Path:
     """Synthesize and preprocess (single process) ``n`` phantoms at ``spacing_zyx_mm``, once."""
     out = root / f"patches-{n}-{'x'.join(map(str, spacing_zyx_mm))}"
     if not (out / "manifest.parquet").is_file():
-        items = make_corpus(root / f"corpus-{n}", n)
+        make_corpus(root / f"corpus-{n}", n, spacing_mm=None)
         cfg = PreprocessConfig(input=str(root / f"corpus-{n}"), output=str(out),
                                target_spacing_zyx_mm=spacing_zyx_mm, log_to_mlflow=False)
-        preprocess_loop(items, cfg, out)
+        preprocess_loop(cfg)
     return out
 
 
