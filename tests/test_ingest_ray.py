@@ -81,7 +81,8 @@ def _upload(endpoint: str, local: Path, bucket: str, prefix: str) -> str:
     fs.create_dir(bucket)
     for p in sorted(local.rglob("*")):
         if p.is_file():
-            with fs.open_output_stream(f"{bucket}/{prefix}/{p.relative_to(local).as_posix()}") as out:
+            key = f"{bucket}/{prefix}/{p.relative_to(local).as_posix()}"
+            with fs.open_output_stream(key, compression=None) as out:  # as is: pyarrow's 'detect' gzips *.gz
                 out.write(p.read_bytes())
     return f"s3://{bucket}/{prefix}?endpoint_override={endpoint}&region=us-east-1"
 

@@ -39,7 +39,7 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 # Copied to the job when set locally: where outputs go, never credentials (those need an explicit --env).
 STORAGE_ENV_VARS: tuple[str, ...] = (
     "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_EXPERIMENT_NAME", "AWS_REGION", "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "GOOGLE_CLOUD_PROJECT",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "GOOGLE_CLOUD_PROJECT", "STORAGE_EMULATOR_HOST",
 )
 JOB_CONFIGS: dict[str, type[StrictModel]] = {
     "synth": SynthConfig, "preprocess": PreprocessConfig, "pretrain": PretrainConfig,

@@ -8,6 +8,13 @@ tree*: the listing replayed locally as empty placeholder files, plus the few sma
 S3 endpoint and credentials: the usual AWS environment variables (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``) or query parameters of the URI understood by
 ``pyarrow.fs.FileSystem.from_uri`` (``s3://bucket/prefix?endpoint_override=http://host:9000&region=..``).
+
+GCS endpoint and credentials: Google's default credentials (``GOOGLE_APPLICATION_CREDENTIALS``, ``gcloud auth
+application-default login``, or the metadata server on GCP), or URI query parameters
+(``gs://anonymous@bucket/prefix?scheme=http&endpoint_override=host:4443``). ``STORAGE_EMULATOR_HOST``, the
+variable Google's own clients honour for an emulator (``http://127.0.0.1:9023``, or a bare ``host:port`` read as
+http), points every ``gs://`` / ``gcs://`` input without its own ``endpoint_override`` at that emulator,
+anonymously. It is read wherever a root is opened, so Ray workers need it in their environment too.
 """
 
 from __future__ import annotations
@@ -16,12 +23,16 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
 from pipeline.config import UserError
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
+GCS_SCHEMES = ("gs://", "gcs://")
+#: Google's convention for a Cloud Storage emulator's address (``http://host:port``); see the module docstring
+GCS_EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 #: file names discovery reads (downloaded into the shadow tree); everything else becomes a placeholder
 _DISCOVERY_READS = ("dataset.json", "patients.csv")
 _CHUNK_BYTES = 8 << 20
@@ -45,12 +56,35 @@ def open_root(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     """(filesystem, root path inside it) for a local folder or an object-store URI. Raises UserError."""
     if not is_remote(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri)
+    target = _with_gcs_emulator(str(uri))
     try:
-        fs, root = pafs.FileSystem.from_uri(str(uri))
+        fs, root = pafs.FileSystem.from_uri(target)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad URI or missing support
         raise UserError(f"input '{_public(uri)}': cannot open this object-store URI ({e}); use "
                         "s3://bucket/prefix or gs://bucket/prefix with credentials in the environment") from None
     return fs, root.rstrip("/")
+
+
+def _with_gcs_emulator(uri: str) -> str:
+    """``uri`` rewritten to reach the emulator named by ``STORAGE_EMULATOR_HOST`` anonymously, when that is set
+    and ``uri`` is a gs:// / gcs:// URI without its own ``endpoint_override``; else ``uri`` unchanged.
+    Other query parameters (``location``, ``retry_limit_seconds``) are kept. Raises UserError on a bad value."""
+    host = os.environ.get(GCS_EMULATOR_ENV, "").strip().rstrip("/")
+    if not host or not uri.lower().startswith(GCS_SCHEMES):
+        return uri
+    parts = urlsplit(uri)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(key == "endpoint_override" for key, _ in query):
+        return uri  # the URI's own endpoint wins over the environment
+    scheme, sep, hostport = host.partition("://")
+    if not sep:  # Google's clients also accept a bare host:port
+        scheme, hostport = "http", host
+    if scheme.lower() not in ("http", "https") or not hostport or "/" in hostport or "@" in hostport:
+        raise UserError(f"{GCS_EMULATOR_ENV}={host!r}: expected http://host:port (or https://, or host:port)")
+    query = [(k, v) for k, v in query if k != "scheme"] + [("scheme", scheme.lower()),
+                                                          ("endpoint_override", hostport)]
+    netloc = "anonymous@" + parts.netloc.rsplit("@", 1)[-1]  # an emulator takes no credentials
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe=":"), ""))
 
 
 def _public(uri: str | Path) -> str:
@@ -79,13 +113,16 @@ def list_files(uri: str | Path) -> list[FileEntry]:
 
 
 def download(uri: str | Path, rels: list[str] | tuple[str, ...], dst: str | Path) -> Path:
-    """Copy the files ``rels`` (relative to the root ``uri``) to ``dst/<rel>``; return ``dst``."""
+    """Copy the files ``rels`` (relative to the root ``uri``) to ``dst/<rel>`` byte for byte; return ``dst``.
+
+    ``compression=None``: pyarrow's default ('detect') would gunzip a ``.nii.gz`` (any ``.gz``, ``.bz2``,
+    ``.zst``, ..) on the way, leaving a different file than the listing's size and content under the same name."""
     fs, root = open_root(uri)
     dst = Path(dst)
     for rel in rels:
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        with fs.open_input_stream(f"{root}/{rel}") as src, open(target, "wb") as out:
+        with fs.open_input_stream(f"{root}/{rel}", compression=None) as src, open(target, "wb") as out:
             while chunk := src.read(_CHUNK_BYTES):
                 out.write(chunk)
     return dst
