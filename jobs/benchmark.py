@@ -1,6 +1,6 @@
 """`anatdiff benchmark NAME`: measured speed/memory figures; the last output line is one JSON object.
 
-Names: preprocess, patches (issue 3), train (issue 5). Each runs its baseline in the same process, so the
+Names: preprocess, patches (issue 3), train (issue 5), gpu (the bf16 / nccl path of the GPU presets). Each runs its baseline in the same process, so the
 ratios compare like with like on this machine; numbers are printed, never asserted.
 """
 
@@ -17,6 +17,7 @@ BENCHMARKS = {
     "preprocess": "pipeline.benchmarks.preprocess",
     "patches": "pipeline.benchmarks.patches",
     "train": "pipeline.benchmarks.train",
+    "gpu": "pipeline.benchmarks.gpu",
 }
 
 

@@ -40,7 +40,8 @@ def pair_batch(refs, cfg: GuideConfig, rank: int, step: int) -> tuple[dict, np.r
         ref = refs[i]
         pairs.append(sample_crop_pair(ref.image(), ref.spacing_zyx_mm, cfg.crop_size_zyx, rng,
                                       spacing_range_mm=cfg.spacing_range_mm, mask_zyx=ref.mask(),
-                                      centre_box_zyx=ref.body_bbox_zyx()))
+                                      centre_box_zyx=ref.body_bbox_zyx(),
+                                      scan_end_probability=cfg.scan_end_probability))
     return collate_pairs(pairs), rng
 
 
@@ -66,6 +67,7 @@ def train_loop_per_worker(config: dict) -> None:
     start = trainer.restore(load)
     ddp = trainer.prepare_model(model)
     refs = load_volume_refs(config["data_dir"])
+    autocast = torch.bfloat16 if device.type == "cuda" else None
     t_log = time.perf_counter()
     for step in range(start, cfg.optim.steps):
         for group in optimizer.param_groups:
@@ -73,7 +75,7 @@ def train_loop_per_worker(config: dict) -> None:
         batch, rng = pair_batch(refs, cfg, rank, step)
         batch = {k: v.to(device) if k == "image" else v for k, v in batch.items()}
         info = guide_train_step(ddp, optimizer, batch, cfg.n_points, rng, cfg.optim.grad_clip,
-                                cfg.consistency_weight, cfg.body_fraction, cfg.frame)
+                                cfg.consistency_weight, cfg.body_fraction, cfg.frame, autocast)
         done = step + 1
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.optim.steps):
             info["steps_per_s"] = cfg.log_every / (time.perf_counter() - t_log)

@@ -6,6 +6,8 @@ model and logs the returned ``info``.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -75,7 +77,7 @@ def _sample_points(pair_batch: dict[str, torch.Tensor], n_points: int, rng: np.r
 
 def guide_loss(model: nn.Module, pair_batch: dict[str, torch.Tensor], n_points: int, rng: np.random.Generator,
                consistency_weight: float = 1.0, body_fraction: float = 0.5,
-               frame: str = "axes") -> tuple[torch.Tensor, dict]:
+               frame: str = "axes", autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
     """APE objective on a collated batch of B crop pairs.
 
     Per pair, ``n_points`` voxels of each crop (``body_fraction`` body, rest background) give the distance
@@ -83,13 +85,19 @@ def guide_loss(model: nn.Module, pair_batch: dict[str, torch.Tensor], n_points: 
     overlap, read from both crops' coordinate maps, give the consistency loss. The consistency term compares
     coordinates in the distance loss's units (times ``axis_scale_mm``, over the mean physical distance).
     ``frame``: see ``distance_loss`` ("axes": anatomical axes, "rigid": APE's Euclidean distances).
+    ``autocast_dtype`` (e.g. bf16 on GPU): the network runs under autocast; coordinates are read and both
+    losses computed in float32 (distances of ~1e-3 coordinate units need the precision).
     Returns (scalar loss, info: floats ``loss``, ``distance_loss``, ``consistency_loss``,
     ``axis_scale_{z,y,x}_mm``).
     """
     guide = unwrap(model)
     image = pair_batch["image"]
     n_pairs = image.shape[0]
-    maps = model(image.flatten(0, 1).float())                            # (2B, 3, d, h, w)
+    amp = (torch.autocast(image.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with amp:
+        maps = model(image.flatten(0, 1).float())                        # (2B, 3, d, h, w)
+    maps = maps.float()
     index, pos_mm = _sample_points(pair_batch, n_points, rng, body_fraction)
     index_t = torch.from_numpy(index).to(maps.device, torch.float32).flatten(0, 1)   # (2B, 2n, 3)
     coords = sample_coords(maps, index_t, guide.stride).reshape(n_pairs, 2, 2 * n_points, 3)
@@ -119,11 +127,12 @@ def guide_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def guide_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, pair_batch: dict[str, torch.Tensor],
                      n_points: int, rng: np.random.Generator, grad_clip: float = 1.0,
                      consistency_weight: float = 1.0, body_fraction: float = 0.5,
-                     frame: str = "axes") -> dict[str, float]:
+                     frame: str = "axes", autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
     """One optimizer step of ``guide_loss``; returns its info plus ``grad_norm`` (before clipping)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss, info = guide_loss(model, pair_batch, n_points, rng, consistency_weight, body_fraction, frame)
+    loss, info = guide_loss(model, pair_batch, n_points, rng, consistency_weight, body_fraction, frame,
+                            autocast_dtype)
     loss.backward()
     info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     optimizer.step()
