@@ -172,6 +172,9 @@ class GuideConfig(StrictModel):
     n_points: int = Field(128, ge=8, description="voxels sampled per crop for each loss")
     body_fraction: float = Field(0.5, ge=0, le=1, description="share of sampled voxels inside the body")
     consistency_weight: float = Field(1.0, ge=0)
+    scan_end_probability: float = Field(
+        0.0, ge=0, le=1, description="chance that one crop of a pair is cut as if the scan ended inside it "
+                                     "(teaches invariance to where scans start and stop)")
     frame: Literal["axes", "rigid"] = Field("axes", description="axes: per-axis displacements; rigid: APE")
     optim: OptimConfig = OptimConfig(steps=600, batch_size=2, lr=3e-3, warmup_steps=20)
     scaling: ScalingConfig = ScalingConfig()

@@ -114,3 +114,21 @@ def test_bad_arguments_raise(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         sample_crop_pair(**args)
+
+
+def test_scan_end_cut_blanks_one_crop_beyond_a_slice():
+    from pipeline.guide.crops import cut_scan_end
+
+    rng = np.random.default_rng(0)
+    image, body = np.full((16, 4, 4), 0.5, np.float32), np.ones((16, 4, 4), bool)
+    cut_image, cut_body = cut_scan_end(image, body, rng)
+    blank = np.flatnonzero((cut_image == 0).all(axis=(1, 2)))
+    assert 0 < blank.size <= 12 and (np.all(np.diff(blank) == 1))          # one contiguous end, 4..12 slices
+    assert blank[0] == 0 or blank[-1] == 15
+    np.testing.assert_array_equal(cut_body, cut_image > 0)
+    assert (image == 0.5).all() and body.all()                             # inputs untouched
+    vol = (np.arange(40)[:, None, None] * 20 - 400 + np.zeros((40, 24, 24))).astype(np.int16)
+    pair = sample_crop_pair(vol, (2.0, 2.0, 2.0), (16, 16, 16), rng, scan_end_probability=1.0, augment=True,
+                            max_blocks=0)
+    blanked = [bool((~pair["body"][c]).all(axis=(1, 2)).any()) for c in range(2)]
+    assert sum(blanked) == 1                                               # exactly one crop of the pair

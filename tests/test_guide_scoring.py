@@ -73,3 +73,18 @@ def test_slice_means_and_monotonic_fraction():
     assert monotonic_fraction([3, 2, 1]) == 0.0
     with pytest.raises(ValueError, match=">= 2 values"):
         monotonic_fraction([1.0])
+
+
+def test_per_axis_spread_exposes_a_collapsed_axis():
+    from pipeline.guide.scoring import landmark_spread_per_axis
+
+    rng = np.random.default_rng(0)
+    truth = {1: np.array([100.0, 0, 0]), 2: np.array([0.0, 50, 0]), 3: np.array([0.0, 0, 80])}
+    good = [{o: c + rng.normal(0, 2, 3) for o, c in truth.items()} for _ in range(6)]
+    collapsed = [{o: c * [0.01, 1, 1] + rng.normal(0, 2, 3) for o, c in truth.items()} for _ in range(6)]
+    per_good, per_collapsed = landmark_spread_per_axis(good), landmark_spread_per_axis(collapsed)
+    assert per_good.shape == (3,) and np.all(per_good < 0.1)
+    assert per_collapsed[0] > 1.0 and np.all(per_collapsed[1:] < 0.1)   # z alone tells
+    # golden: organ 1 at z 0 and 2, organ 2 at z 10 and 10 -> rms (1, 0), |mean difference| 9
+    two = [{1: np.array([0.0, 0, 0]), 2: np.array([10.0, 1, 1])}, {1: np.array([2.0, 0, 0]), 2: np.array([10.0, 1, 1])}]
+    assert landmark_spread_per_axis(two)[0] == pytest.approx(0.5 / 9)

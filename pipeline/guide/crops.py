@@ -89,10 +89,25 @@ def mask_blocks(image01: np.ndarray, rng: np.random.Generator, max_blocks: int =
     return out
 
 
+def cut_scan_end(image01: np.ndarray, body: np.ndarray, rng: np.random.Generator,
+                 fill: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Simulate a scan that ends inside the crop: every slice above (or below, at random) a random slice in
+    the crop's middle half becomes air (``fill``, the window minimum) and leaves the body mask. A guide
+    trained to give the same coordinates with and without the cut cannot read its position from where a
+    scan happens to start or stop (fields of view vary between scans)."""
+    depth = image01.shape[0]
+    k = int(rng.integers(depth // 4, max(depth // 4 + 1, 3 * depth // 4)))
+    cut = slice(k, None) if rng.random() < 0.5 else slice(0, k)
+    image01, body = image01.copy(), body.copy()
+    image01[cut] = fill
+    body[cut] = False
+    return image01, body
+
+
 def sample_crop_pair(volume_hu_zyx: np.ndarray, spacing_zyx_mm, crop_size_zyx, rng: np.random.Generator,
                      spacing_range_mm=None, mask_zyx: np.ndarray | None = None, centre_box_zyx=None,
                      window_hu=GUIDE_WINDOW_HU, max_shift_fraction: float = 0.5, augment: bool = True,
-                     max_blocks: int = 4) -> dict[str, np.ndarray]:
+                     max_blocks: int = 4, scan_end_probability: float = 0.0) -> dict[str, np.ndarray]:
     """Two overlapping crops of one scan at two random spacings.
 
     volume_hu_zyx: (Z, Y, X) int16 HU, canonical LPS, typically a memmap. mask_zyx: its body mask (optional).
@@ -100,6 +115,8 @@ def sample_crop_pair(volume_hu_zyx: np.ndarray, spacing_zyx_mm, crop_size_zyx, r
         None: ``SPACING_FACTOR_RANGE`` times the volume spacing.
     centre_box_zyx: inclusive voxel box ((z0, z1), (y0, y1), (x0, x1)) for crop A's centre, e.g. the body box.
     max_shift_fraction: crop B's centre moves at most this fraction of half the smaller crop per axis.
+    scan_end_probability: chance that one crop of the pair (never both) gets ``cut_scan_end`` (when
+        ``augment``).
     Returns ``image`` (2, 1, D, H, W) float32 in [0, 1] (window, then augmentation and masking when
     ``augment``), ``body`` (2, D, H, W) bool (all True without a mask), ``origin_zyx_mm`` (2, 3) and
     ``spacing_zyx_mm`` (2, 3) float64: crop c's voxel m lies at ``origin[c] + m * spacing[c]`` mm.
@@ -118,13 +135,17 @@ def sample_crop_pair(volume_hu_zyx: np.ndarray, spacing_zyx_mm, crop_size_zyx, r
     origins = _pair_origins_mm(volume_hu_zyx.shape, spacing, crop_spacing, size, rng, centre_box_zyx,
                                max_shift_fraction)
     images, bodies = [], []
+    cut_crop = int(rng.integers(0, 2)) if augment and rng.random() < scan_end_probability else -1
     for c in range(2):
         hu = resample_crop(volume_hu_zyx, spacing, origins[c], crop_spacing[c], size, PAD_HU)
         image = scale_hu(hu, window_hu)
+        body = (np.ones(tuple(size), bool) if mask_zyx is None else
+                resample_crop(mask_zyx, spacing, origins[c], crop_spacing[c], size, 0, order=0) > 0.5)
+        if c == cut_crop:
+            image, body = cut_scan_end(image, body, rng)
         if augment:
             image = mask_blocks(augment_intensity(image, rng), rng, max_blocks)
         images.append(image[None])
-        bodies.append(np.ones(tuple(size), bool) if mask_zyx is None else
-                      resample_crop(mask_zyx, spacing, origins[c], crop_spacing[c], size, 0, order=0) > 0.5)
+        bodies.append(body)
     return {"image": np.stack(images), "body": np.stack(bodies), "origin_zyx_mm": origins,
             "spacing_zyx_mm": crop_spacing}

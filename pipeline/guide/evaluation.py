@@ -13,7 +13,8 @@ import numpy as np
 from pipeline.data.patches import VolumeRef
 from pipeline.guide.encoding import bodybox_coords
 from pipeline.guide.inference import predict_coords
-from pipeline.guide.scoring import (landmark_spread, monotonic_fraction, organ_centroids_zyx, slice_means)
+from pipeline.guide.scoring import (landmark_spread, landmark_spread_per_axis, monotonic_fraction,
+                                    organ_centroids_zyx, slice_means)
 
 
 def coords_at_centroids(coords_czyx: np.ndarray, label_zyx: np.ndarray) -> dict[int, np.ndarray]:
@@ -40,7 +41,8 @@ def frame_maps(ref: VolumeRef, guide) -> dict[str, np.ndarray]:
 
 
 def score_frames(refs: list[VolumeRef], guide) -> dict[str, float]:
-    """``guide_landmark_spread`` (learned), ``..._bodybox`` and ``..._scanner`` over labelled ``refs``."""
+    """``guide_landmark_spread`` (learned), ``..._bodybox`` and ``..._scanner`` over labelled ``refs``, and
+    each per axis (``..._z``, ``..._y``, ``..._x``)."""
     per_frame: dict[str, list[dict]] = {}
     for ref in refs:
         label = np.asarray(ref.label())
@@ -48,7 +50,10 @@ def score_frames(refs: list[VolumeRef], guide) -> dict[str, float]:
             per_frame.setdefault(name, []).append(coords_at_centroids(cmap, label))
     names = {"learned": "guide_landmark_spread", "bodybox": "guide_landmark_spread_bodybox",
              "scanner": "guide_landmark_spread_scanner"}
-    return {names[k]: landmark_spread(v) for k, v in per_frame.items()}
+    out = {names[k]: landmark_spread(v) for k, v in per_frame.items()}
+    for k, v in per_frame.items():   # per axis: a collapsed axis shows up here (see landmark_spread_per_axis)
+        out.update({f"{names[k]}_{axis}": float(r) for axis, r in zip("zyx", landmark_spread_per_axis(v))})
+    return out
 
 
 def craniocaudal_check(refs: list[VolumeRef], guide) -> dict[str, float]:

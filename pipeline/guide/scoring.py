@@ -83,6 +83,24 @@ def landmark_spread(coords_by_volume: list[dict[int, np.ndarray]]) -> float:
     return float(np.mean(rms) / denom)
 
 
+def landmark_spread_per_axis(coords_by_volume: list[dict[int, np.ndarray]]) -> np.ndarray:
+    """(C,) the spread of each coordinate axis alone: mean over organs of the RMS deviation along the axis,
+    over the mean |difference| of different organs' means along it. Shows what the scale-free
+    ``landmark_spread`` can hide: a frame whose z barely separates organs (z collapsed) scores well overall
+    but gets a large z ratio here. Same organ rules as ``landmark_spread``."""
+    seen: dict[int, list[np.ndarray]] = {}
+    for coords in coords_by_volume:
+        for organ, c in coords.items():
+            seen.setdefault(int(organ), []).append(np.asarray(c, dtype=np.float64))
+    kept = {o: np.stack(cs) for o, cs in sorted(seen.items()) if len(cs) >= 2}
+    if len(kept) < 2:
+        raise ValueError(f"landmark_spread_per_axis needs >= 2 organs seen in >= 2 volumes each, got {len(kept)}")
+    means = np.stack([pts.mean(axis=0) for pts in kept.values()])
+    rms = np.stack([np.sqrt(np.mean((pts - pts.mean(axis=0)) ** 2, axis=0)) for pts in kept.values()])
+    between = np.stack([np.abs(means[a] - means[b]) for a, b in itertools.combinations(range(len(means)), 2)])
+    return rms.mean(axis=0) / np.maximum(between.mean(axis=0), 1e-12)
+
+
 def slice_means(coord_zyx: np.ndarray, mask_zyx: np.ndarray | None = None) -> np.ndarray:
     """(D,) mean of one coordinate channel (D, H, W) over each axial slice's body voxels; slices without body
     voxels are dropped (so the result may be shorter than D)."""
