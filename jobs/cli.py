@@ -12,7 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-guide": ("jobs.train_guide", "Ray Train: the self-supervised body-coordinate guide, scored"),
     "pretrain": ("jobs.pretrain", "Ray Train: guided diffusion pretraining of a 3D UNet"),
     "submit": ("jobs.submit", "run a job on a running Ray cluster through its job API (JobSubmissionClient)"),
-    "benchmark": ("jobs.benchmark", "measured speed and memory: preprocess, patches, train (JSON last line)"),
+    "benchmark": ("jobs.benchmark", "measured speed and memory: preprocess, patches, train, gpu (JSON last line)"),
     "evaluate": ("jobs.evaluate", "Dice (linear / nonlinear / finetune), holdout or k-fold, vs random init"),
     "compare": ("jobs.compare", "table + chart of mean Dice across pretraining runs, logged to MLflow"),
     "study": ("jobs.study", "phantom study: 4 pretraining variants x 3 protocols, then compare"),

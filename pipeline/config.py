@@ -287,7 +287,7 @@ class StudyConfig(StrictModel):
 
 class DemoConfig(StrictModel):
     workdir: str = Field("anatdiff-demo", description="where the corpus, volumes and checkpoints go")
-    n_unlabeled: int = Field(16, ge=2, description="phantoms in the unlabelled pretraining corpus")
+    n_unlabeled: int = Field(48, ge=2, description="phantoms in the unlabelled corpus (guide and pretraining)")
     n_labeled: int = Field(9, ge=3, description="labelled phantoms for the downstream evaluation")
     seed: int = 0
     target_spacing_zyx_mm: ZYX = Field((3.0, 3.0, 3.0), description="preprocess spacing (z, y, x) mm")

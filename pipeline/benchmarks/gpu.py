@@ -7,7 +7,8 @@ pairs cut by the real crop code from a synthetic volume (guide), at the shapes o
 
 - ``pretrain_{bf16,fp32}_steps_per_s``, ``pretrain_bf16_speedup``, ``pretrain_samples_per_s``,
   ``pretrain_peak_gib``: the pretraining step (``pipeline.train.step.train_step``) in bf16 autocast vs fp32.
-- ``pretrain_bf16_vs_fp32_loss_rel``: |loss bf16 - loss fp32| / loss fp32 on the same weights, batch and noise.
+- ``pretrain_bf16_vs_fp32_loss_rel``: |loss bf16 - loss fp32| / loss fp32 on the same (fitted) weights, batch
+  and noise.
 - ``pretrain_loss_first`` / ``pretrain_loss_last``: mean loss of the first and last 10 of ``fit_steps`` steps
   on one fixed batch (the loss must fall: the step learns).
 - ``guide_steps_per_s``, ``guide_peak_gib``, ``guide_loss_first`` / ``guide_loss_last``: the guide step.
@@ -127,14 +128,6 @@ def pretrain_figures(cfg: PretrainConfig, steps: int, fit_steps: int, device: to
 
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last_3d)
-    losses = {}
-    with torch.no_grad():
-        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-            torch.manual_seed(1)
-            with _autocast(device, dtype):
-                losses[name] = float(compute_loss(model, batch, cfg, schedule))
-    out["pretrain_bf16_vs_fp32_loss_rel"] = abs(losses["bf16"] - losses["fp32"]) / max(losses["fp32"], 1e-12)
-
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     ddp = _ddp(model)
     fit = [train_step(ddp, opt, batch, cfg, schedule, cfg.optim.warmup_steps + i, torch.bfloat16).loss
@@ -142,6 +135,14 @@ def pretrain_figures(cfg: PretrainConfig, steps: int, fit_steps: int, device: to
     out["pretrain_loss_first"], out["pretrain_loss_last"] = float(np.mean(fit[:10])), float(np.mean(fit[-10:]))
     if not all(np.isfinite(fit)):
         raise RuntimeError(f"non-finite pretraining loss on the GPU: {fit}")
+    # after the fit: at initialization the zero-initialized output layer makes both losses equal exactly
+    losses = {}
+    with torch.no_grad():
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            torch.manual_seed(1)
+            with _autocast(device, dtype):
+                losses[name] = float(compute_loss(model, batch, cfg, schedule))
+    out["pretrain_bf16_vs_fp32_loss_rel"] = abs(losses["bf16"] - losses["fp32"]) / max(losses["fp32"], 1e-12)
     _log(f"pretrain fit on one batch: loss {out['pretrain_loss_first']:.4f} -> {out['pretrain_loss_last']:.4f}")
     return out
 
