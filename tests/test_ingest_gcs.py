@@ -4,20 +4,16 @@ test_ingest_ray.py (same corpus, same assertions). The emulator is a declared te
 tests fail, they never skip."""
 
 import gzip
-import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from pipeline.config import PreprocessConfig, UserError
-from pipeline.ingest.manifest import summarize
+from pipeline.config import UserError
 from pipeline.io.filesystems import GCS_EMULATOR_ENV, _with_gcs_emulator, download, list_files
-from test_ingest_ray import _corpus
+from test_ingest_ray import _corpus, check_object_store_run, upload_tree
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -54,41 +50,15 @@ def ray_local(gcs_endpoint):
 
 
 def _upload(endpoint: str, local: Path, bucket: str, prefix: str) -> str:
-    fs = pafs.GcsFileSystem(anonymous=True, endpoint_override=endpoint, scheme="http", project_id="anatdiff-test")
-    fs.create_dir(bucket)
-    for p in sorted(local.rglob("*")):
-        if p.is_file():
-            key = f"{bucket}/{prefix}/{p.relative_to(local).as_posix()}"
-            with fs.open_output_stream(key, compression=None) as out:  # as is: pyarrow's 'detect' gzips *.gz
-                out.write(p.read_bytes())
+    upload_tree(pafs.GcsFileSystem(anonymous=True, endpoint_override=endpoint, scheme="http",
+                                   project_id="anatdiff-test"), local, bucket, prefix)
     return f"gs://{bucket}/{prefix}"
 
 
 @pytest.mark.ray
 def test_gcs_input_is_listed_downloaded_processed_and_accounted(tmp_path, gcs_endpoint, ray_local):
     uri = _upload(gcs_endpoint, _corpus(tmp_path / "local"), "ct-bucket", "export/2024")
-    before = set(Path(tempfile.gettempdir()).glob("anatdiff-*"))
-    cfg = PreprocessConfig(input=uri, output=str(tmp_path / "out"), target_spacing_zyx_mm=(2.0, 2.0, 2.0),
-                           log_to_mlflow=False, num_cpus=2)
-    from pipeline.distributed.ingest import run_preprocess
-
-    df = run_preprocess(cfg, progress=False)
-    assert summarize(df) == "4 accepted, 1 rejected (2-D image: 1), 2 skipped"
-    listed = sorted(e.rel for e in list_files(uri))
-    assert sorted(f for fs in df["files"] for f in fs) == listed and len(listed) == 24
-    acc = df[df.status == "accepted"].set_index("source")
-    assert set(acc.index) == {"nii/a.nii.gz", "nii/b.nii.gz", "dcm/study#1.2.3.4.1", "dcm/study#1.2.3.4.2"}
-    assert list(acc.loc["dcm/study#1.2.3.4.2", "source_shape"]) == [9, 20, 20]
-    assert acc.loc["dcm/study#1.2.3.4.2", "contrast"] and not acc.loc["dcm/study#1.2.3.4.1", "contrast"]
-    vol = np.load(tmp_path / "out" / acc.loc["nii/a.nii.gz", "image_path"])
-    assert vol.dtype == np.int16 and 200 < vol.max() <= 300  # the 300 HU core, smoothed at 2 mm
-    for row in acc.itertuples():
-        assert (tmp_path / "out" / row.image_path).is_file() and (tmp_path / "out" / row.mask_path).is_file()
-    assert set(Path(tempfile.gettempdir()).glob("anatdiff-*")) == before  # downloads deleted
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["files"]["missing"] == [] and report["files"]["duplicated"] == [] and report["input"] == \
-        "gs://ct-bucket/export/2024"
-    assert report["rejected_by_reason"] == {"2-D image": 1} and report["items_processed"] == 4
+    check_object_store_run(uri, tmp_path / "out", "gs://ct-bucket/export/2024")
 
 
 def test_gcs_endpoint_in_the_uri_byte_exact_download_and_missing_prefix(tmp_path, gcs_endpoint):

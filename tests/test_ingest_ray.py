@@ -77,23 +77,29 @@ def ray_local(s3_endpoint):
 def _upload(endpoint: str, local: Path, bucket: str, prefix: str) -> str:
     import pyarrow.fs as pafs
 
-    fs = pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", allow_bucket_creation=True)
+    upload_tree(pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", allow_bucket_creation=True),
+                local, bucket, prefix)
+    return f"s3://{bucket}/{prefix}?endpoint_override={endpoint}&region=us-east-1"
+
+
+def upload_tree(fs, local: Path, bucket: str, prefix: str) -> None:
+    """Create ``bucket`` on the pyarrow filesystem ``fs`` and copy every file under ``local`` to ``prefix``."""
     fs.create_dir(bucket)
     for p in sorted(local.rglob("*")):
         if p.is_file():
             key = f"{bucket}/{prefix}/{p.relative_to(local).as_posix()}"
             with fs.open_output_stream(key, compression=None) as out:  # as is: pyarrow's 'detect' gzips *.gz
                 out.write(p.read_bytes())
-    return f"s3://{bucket}/{prefix}?endpoint_override={endpoint}&region=us-east-1"
 
 
-def test_s3_input_is_listed_downloaded_processed_and_accounted(tmp_path, s3_endpoint, ray_local):
-    uri = _upload(s3_endpoint, _corpus(tmp_path / "local"), "ct-bucket", "export/2024")
-    before = set(Path(tempfile.gettempdir()).glob("anatdiff-*"))
-    cfg = PreprocessConfig(input=uri, output=str(tmp_path / "out"), target_spacing_zyx_mm=(2.0, 2.0, 2.0),
-                           log_to_mlflow=False, num_cpus=2)
+def check_object_store_run(uri: str, out: Path, public_uri: str) -> None:
+    """Preprocess ``_corpus`` uploaded at ``uri`` into ``out`` and check what every object-store input must
+    give: the accounting, the accepted items, the volumes, downloads deleted, the URI without secrets."""
     from pipeline.distributed.ingest import run_preprocess
 
+    before = set(Path(tempfile.gettempdir()).glob("anatdiff-*"))
+    cfg = PreprocessConfig(input=uri, output=str(out), target_spacing_zyx_mm=(2.0, 2.0, 2.0),
+                           log_to_mlflow=False, num_cpus=2)
     df = run_preprocess(cfg, progress=False)
     assert summarize(df) == "4 accepted, 1 rejected (2-D image: 1), 2 skipped"
     listed = sorted(e.rel for e in list_files(uri))
@@ -102,13 +108,20 @@ def test_s3_input_is_listed_downloaded_processed_and_accounted(tmp_path, s3_endp
     assert set(acc.index) == {"nii/a.nii.gz", "nii/b.nii.gz", "dcm/study#1.2.3.4.1", "dcm/study#1.2.3.4.2"}
     assert list(acc.loc["dcm/study#1.2.3.4.2", "source_shape"]) == [9, 20, 20]
     assert acc.loc["dcm/study#1.2.3.4.2", "contrast"] and not acc.loc["dcm/study#1.2.3.4.1", "contrast"]
-    vol = np.load(tmp_path / "out" / acc.loc["nii/a.nii.gz", "image_path"])
+    vol = np.load(out / acc.loc["nii/a.nii.gz", "image_path"])
     assert vol.dtype == np.int16 and 200 < vol.max() <= 300  # the 300 HU core, smoothed at 2 mm
+    for row in acc.itertuples():
+        assert (out / row.image_path).is_file() and (out / row.mask_path).is_file()
     assert set(Path(tempfile.gettempdir()).glob("anatdiff-*")) == before  # downloads deleted
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["files"]["missing"] == [] and report["files"]["duplicated"] == [] and report["input"] == \
-        "s3://ct-bucket/export/2024"
+    report = json.loads((out / "report.json").read_text())
+    assert report["files"]["missing"] == [] and report["files"]["duplicated"] == []
+    assert report["input"] == public_uri
     assert report["rejected_by_reason"] == {"2-D image": 1} and report["items_processed"] == 4
+
+
+def test_s3_input_is_listed_downloaded_processed_and_accounted(tmp_path, s3_endpoint, ray_local):
+    uri = _upload(s3_endpoint, _corpus(tmp_path / "local"), "ct-bucket", "export/2024")
+    check_object_store_run(uri, tmp_path / "out", "s3://ct-bucket/export/2024")
 
 
 def test_no_phi_in_outputs_mlflow_or_logs(tmp_path, capfd, ray_local, monkeypatch):

@@ -59,6 +59,19 @@ def scanner_organ_coords(label_zyx: np.ndarray, spacing_zyx_mm, origin_zyx_mm=(0
     return {k: origin + c * spacing for k, c in organ_centroids_zyx(label_zyx).items()}
 
 
+def _organ_sets(coords_by_volume: list[dict[int, np.ndarray]], caller: str) -> dict[int, np.ndarray]:
+    """{organ: (n_volumes, C) coordinates} of the organs seen in >= 2 volumes; ValueError if < 2 organs."""
+    seen: dict[int, list[np.ndarray]] = {}
+    for coords in coords_by_volume:
+        for organ, c in coords.items():
+            seen.setdefault(int(organ), []).append(np.asarray(c, dtype=np.float64))
+    kept = {o: np.stack(cs) for o, cs in sorted(seen.items()) if len(cs) >= 2}
+    if len(kept) < 2:
+        raise ValueError(f"{caller} needs >= 2 organs seen in >= 2 volumes each, got {len(kept)} "
+                         f"(organs and volume counts: { {o: len(c) for o, c in seen.items()} })")
+    return kept
+
+
 def landmark_spread(coords_by_volume: list[dict[int, np.ndarray]]) -> float:
     """Mean over organs of the RMS distance of its coordinates to their mean across volumes, divided by the
     mean distance between different organs' mean coordinates. Unitless, >= 0, lower is better.
@@ -66,14 +79,7 @@ def landmark_spread(coords_by_volume: list[dict[int, np.ndarray]]) -> float:
     coords_by_volume: one {organ label: (C,) coordinate} dict per volume. Organs seen in fewer than 2
     volumes are skipped; at least 2 organs must remain (else ValueError).
     """
-    seen: dict[int, list[np.ndarray]] = {}
-    for coords in coords_by_volume:
-        for organ, c in coords.items():
-            seen.setdefault(int(organ), []).append(np.asarray(c, dtype=np.float64))
-    kept = {o: np.stack(cs) for o, cs in sorted(seen.items()) if len(cs) >= 2}
-    if len(kept) < 2:
-        raise ValueError(f"landmark_spread needs >= 2 organs seen in >= 2 volumes each, got {len(kept)} "
-                         f"(organs and volume counts: { {o: len(c) for o, c in seen.items()} })")
+    kept = _organ_sets(coords_by_volume, "landmark_spread")
     means = {o: pts.mean(axis=0) for o, pts in kept.items()}
     rms = [np.sqrt(np.mean(np.sum((pts - means[o]) ** 2, axis=1))) for o, pts in kept.items()]
     between = [np.linalg.norm(means[a] - means[b]) for a, b in itertools.combinations(means, 2)]
@@ -88,13 +94,7 @@ def landmark_spread_per_axis(coords_by_volume: list[dict[int, np.ndarray]]) -> n
     over the mean |difference| of different organs' means along it. Shows what the scale-free
     ``landmark_spread`` can hide: a frame whose z barely separates organs (z collapsed) scores well overall
     but gets a large z ratio here. Same organ rules as ``landmark_spread``."""
-    seen: dict[int, list[np.ndarray]] = {}
-    for coords in coords_by_volume:
-        for organ, c in coords.items():
-            seen.setdefault(int(organ), []).append(np.asarray(c, dtype=np.float64))
-    kept = {o: np.stack(cs) for o, cs in sorted(seen.items()) if len(cs) >= 2}
-    if len(kept) < 2:
-        raise ValueError(f"landmark_spread_per_axis needs >= 2 organs seen in >= 2 volumes each, got {len(kept)}")
+    kept = _organ_sets(coords_by_volume, "landmark_spread_per_axis")
     means = np.stack([pts.mean(axis=0) for pts in kept.values()])
     rms = np.stack([np.sqrt(np.mean((pts - pts.mean(axis=0)) ** 2, axis=0)) for pts in kept.values()])
     between = np.stack([np.abs(means[a] - means[b]) for a, b in itertools.combinations(range(len(means)), 2)])

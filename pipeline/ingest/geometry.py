@@ -7,7 +7,6 @@ Superior, Posterior, Left (docs/conventions.md).
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import numpy as np
