@@ -7,6 +7,7 @@ Pure pandas/numpy; plots with matplotlib's Figure API (no pyplot state). Written
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -163,8 +164,10 @@ def write_reports(manifest: pd.DataFrame, input_files: list[str], out_dir: str |
     report = corpus_report(manifest, input_files, extra)
     scanners = scanner_table(manifest)
     paths = [out_dir / n for n in ("report.json", "report.md", "scanners.csv", "scanners.md")]
-    paths[0].write_text(json.dumps(report, indent=2) + "\n")
-    paths[1].write_text(report_markdown(report, scanners))
-    scanners.to_csv(paths[2], index=False)
-    paths[3].write_text(markdown_table(scanners) + "\n")
+    texts = (json.dumps(report, indent=2) + "\n", report_markdown(report, scanners),
+             scanners.to_csv(index=False), markdown_table(scanners) + "\n")
+    for path, text in zip(paths, texts):   # a temporary name, then rename: a killed job leaves no half file
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     return report, paths + plot_scanners(manifest, out_dir / "plots")
