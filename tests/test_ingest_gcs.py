@@ -97,3 +97,20 @@ def test_storage_emulator_host_rewrites_only_gcs_uris(monkeypatch):
         _with_gcs_emulator("gs://b/p")
     monkeypatch.delenv(GCS_EMULATOR_ENV)
     assert _with_gcs_emulator("gs://b/p") == "gs://b/p"
+
+
+def test_gcs_uris_get_a_retry_limit_unless_they_set_one():
+    from pipeline.io.filesystems import GCS_RETRY_LIMIT_S, _with_gcs_retry_limit
+
+    assert _with_gcs_retry_limit("gs://b/p") == f"gs://b/p?retry_limit_seconds={GCS_RETRY_LIMIT_S}"
+    assert _with_gcs_retry_limit("gs://b/p?retry_limit_seconds=3") == "gs://b/p?retry_limit_seconds=3"
+    assert _with_gcs_retry_limit("s3://b/p") == "s3://b/p"
+
+
+@pytest.mark.timeout(90)
+def test_gcs_without_credentials_fails_with_one_clear_line(monkeypatch):
+    """No emulator, no Google credentials: a UserError within the retry limit, never a hang or a traceback."""
+    monkeypatch.delenv(GCS_EMULATOR_ENV, raising=False)
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    with pytest.raises(UserError, match="cannot (list|open)"):
+        list_files("gs://anatdiff-no-such-bucket/prefix?retry_limit_seconds=2")

@@ -15,6 +15,8 @@ application-default login``, or the metadata server on GCP), or URI query parame
 variable Google's own clients honour for an emulator (``http://127.0.0.1:9023``, or a bare ``host:port`` read as
 http), points every ``gs://`` / ``gcs://`` input without its own ``endpoint_override`` at that emulator,
 anonymously. It is read wherever a root is opened, so Ray workers need it in their environment too.
+gs:// URIs get ``retry_limit_seconds=30`` unless they set it: without credentials pyarrow's client would
+otherwise retry for 15 minutes; the job then stops with one line naming the missing credentials.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
 GCS_SCHEMES = ("gs://", "gcs://")
 #: Google's convention for a Cloud Storage emulator's address (``http://host:port``); see the module docstring
 GCS_EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+#: seconds pyarrow's GCS client keeps retrying before it gives up (its own default is 15 minutes, so a machine
+#: without Google credentials looked hung); a URI's own ``retry_limit_seconds`` wins
+GCS_RETRY_LIMIT_S = 30
 #: file names discovery reads (downloaded into the shadow tree); everything else becomes a placeholder
 _DISCOVERY_READS = ("dataset.json", "patients.csv")
 _CHUNK_BYTES = 8 << 20
@@ -56,7 +61,7 @@ def open_root(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     """(filesystem, root path inside it) for a local folder or an object-store URI. Raises UserError."""
     if not is_remote(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri)
-    target = _with_gcs_emulator(str(uri))
+    target = _with_gcs_retry_limit(_with_gcs_emulator(str(uri)))
     try:
         fs, root = pafs.FileSystem.from_uri(target)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad URI or missing support
@@ -87,6 +92,26 @@ def _with_gcs_emulator(uri: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe=":"), ""))
 
 
+def _with_gcs_retry_limit(uri: str) -> str:
+    """A gs:// / gcs:// ``uri`` with ``retry_limit_seconds=GCS_RETRY_LIMIT_S`` unless it sets its own."""
+    if not uri.lower().startswith(GCS_SCHEMES):
+        return uri
+    parts = urlsplit(uri)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(key == "retry_limit_seconds" for key, _ in query):
+        return uri
+    query.append(("retry_limit_seconds", str(GCS_RETRY_LIMIT_S)))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query, safe=":"), ""))
+
+
+def _cannot_list(uri: str | Path, err: Exception) -> UserError:
+    hint = ""
+    if str(uri).lower().startswith(GCS_SCHEMES) and "OAuth2" in str(err):
+        hint = (" - no Google credentials: set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth "
+                f"application-default login`, or point {GCS_EMULATOR_ENV} at an emulator")
+    return UserError(f"input '{_public(uri)}': cannot list it ({' '.join(str(err).split())[:300]}){hint}")
+
+
 def _public(uri: str | Path) -> str:
     """The URI without its query string or user info (which may carry credentials)."""
     text = str(uri).split("?", 1)[0]
@@ -97,14 +122,17 @@ def _public(uri: str | Path) -> str:
 def list_files(uri: str | Path) -> list[FileEntry]:
     """Every regular file under the root, sorted by relative path. Raises UserError when the root is missing."""
     fs, root = open_root(uri)
-    info = fs.get_file_info(root)
+    try:
+        info = fs.get_file_info(root)
+    except OSError as e:
+        raise _cannot_list(uri, e) from None
     if info.type != pafs.FileType.Directory and not (is_remote(uri) and info.type == pafs.FileType.NotFound):
         what = "is a file, not a folder" if info.type == pafs.FileType.File else "does not exist"
         raise UserError(f"input folder '{_public(uri)}' {what}: pass a folder of CT images (--input)")
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as e:
-        raise UserError(f"input '{_public(uri)}': cannot list it ({e})") from None
+        raise _cannot_list(uri, e) from None
     out = [FileEntry(i.path[len(root):].lstrip("/"), int(i.size or 0), int(i.mtime_ns or 0))
            for i in infos if i.type == pafs.FileType.File]
     if not out and is_remote(uri):
