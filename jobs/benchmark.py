@@ -1,6 +1,7 @@
 """`anatdiff benchmark NAME`: measured speed/memory figures; the last output line is one JSON object.
 
-Names: preprocess, patches (issue 3), train (issue 5), gpu (the bf16 / nccl path of the GPU presets). Each runs its baseline in the same process, so the
+Names: preprocess, patches (issue 3), train (issue 5), gpu (the bf16 / nccl path of the GPU presets).
+Each runs its baseline in the same process, so the
 ratios compare like with like on this machine; numbers are printed, never asserted.
 """
 

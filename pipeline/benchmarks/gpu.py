@@ -95,31 +95,38 @@ def _autocast(device: torch.device, dtype):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def _time_pretrain(cfg: PretrainConfig, batch: dict, schedule, dtype, steps: int,
+                   device: torch.device) -> tuple[float, float]:
+    """(steps/s, peak GiB) of the pretraining step + EMA update on a fresh DDP-wrapped, channels-last model."""
+    from pipeline.train.step import build_model, ema_update, make_ema, train_step
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last_3d)
+    ema = make_ema(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    ddp = _ddp(model)
+    _reset_peak(device)
+
+    def step(i: int) -> float:
+        result = train_step(ddp, opt, batch, cfg, schedule, cfg.optim.warmup_steps + i, dtype)
+        ema_update(ema, model, cfg.optim.ema_decay)
+        return result.loss
+
+    rate, _ = _timed_steps(step, steps, 3, device)
+    return rate, _peak_gib(device)
+
+
 def pretrain_figures(cfg: PretrainConfig, steps: int, fit_steps: int, device: torch.device) -> dict[str, float]:
     from pipeline.diffusion.schedules import DiffusionSchedule
-    from pipeline.train.step import build_model, compute_loss, ema_update, make_ema, train_step
+    from pipeline.train.step import build_model, compute_loss, train_step
 
     schedule = DiffusionSchedule.from_config(cfg.diffusion).to(device)
     batch = _pretrain_batch(cfg, device)
     out: dict[str, float] = {}
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        torch.manual_seed(0)
-        model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last_3d)
-        ema = make_ema(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-        ddp = _ddp(model)
-        _reset_peak(device)
-
-        def step(i: int) -> float:
-            result = train_step(ddp, opt, batch, cfg, schedule, cfg.optim.warmup_steps + i, dtype)
-            ema_update(ema, model, cfg.optim.ema_decay)
-            return result.loss
-
-        rate, _ = _timed_steps(step, steps, 3, device)
-        out[f"pretrain_{name}_steps_per_s"] = rate
-        out[f"pretrain_{name}_peak_gib"] = _peak_gib(device)
-        _log(f"pretrain {name}: {rate:.2f} steps/s, peak {out[f'pretrain_{name}_peak_gib']:.1f} GiB")
-        del ddp, ema, opt, model
+        rate, peak = _time_pretrain(cfg, batch, schedule, dtype, steps, device)
+        out[f"pretrain_{name}_steps_per_s"], out[f"pretrain_{name}_peak_gib"] = rate, peak
+        _log(f"pretrain {name}: {rate:.2f} steps/s, peak {peak:.1f} GiB")
         if device.type == "cuda":
             torch.cuda.empty_cache()
     out["pretrain_bf16_speedup"] = out["pretrain_bf16_steps_per_s"] / out["pretrain_fp32_steps_per_s"]

@@ -56,7 +56,8 @@ def body_mask(volume_hu_zyx: np.ndarray, threshold_hu: float = -500.0, opening_v
     """(Z, Y, X) bool body mask of a (Z, Y, X) HU volume.
 
     Voxels above ``threshold_hu``; the largest 3-D component of their opening (per axial slice, diamond
-    ``|dy| + |dx| <= opening_vox`` voxels, the disk of radius 2 for the default: cuts a thin patient table, cushion or cables from the body) grown back by
+    ``|dy| + |dx| <= opening_vox`` voxels, the disk of radius 2 for the default: cuts a thin patient table,
+    cushion or cables from the body) grown back by
     the same diamond within the thresholded voxels (corners and skin the opening removed); its largest
     component; holes of each axial slice filled (lungs, bowel gas). Empty when nothing exceeds the threshold.
 
