@@ -109,21 +109,8 @@ def nifti_nonfinite_count(path: str | Path) -> int:
     Raises ValueError when the file is not NIfTI.
     """
     path = Path(path)
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as f:
-        head = f.read(540)
-        for endian in "<>":
-            sizeof_hdr = struct.unpack(endian + "i", head[:4])[0]
-            if sizeof_hdr in (348, 540):
-                break
-        else:
-            raise ValueError(f"'{path}' is not a NIfTI file (header size field {head[:4]!r})")
-        if sizeof_hdr == 348:
-            datatype = struct.unpack(endian + "h", head[70:72])[0]
-            offset = int(struct.unpack(endian + "f", head[108:112])[0])
-        else:
-            datatype = struct.unpack(endian + "h", head[12:14])[0]
-            offset = struct.unpack(endian + "q", head[168:176])[0]
+    with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
+        endian, datatype, _, offset = _nifti_header(f.read(540), path)
         if datatype not in _NIFTI_FLOATS:
             return 0
         f.seek(offset)
@@ -131,21 +118,24 @@ def nifti_nonfinite_count(path: str | Path) -> int:
     return int(data.size - np.count_nonzero(np.isfinite(data)))
 
 
-def _nifti_header(head: bytes, path: Path) -> tuple[str, int, int]:
-    """(endian, expected data bytes, vox_offset) from the first 540 bytes of a NIfTI-1/-2 file."""
+def _nifti_header(head: bytes, path: Path) -> tuple[str, int, int, int]:
+    """(endian, datatype code, expected data bytes, vox_offset) from the first 540 bytes of a NIfTI-1/-2 file.
+    Raises ValueError when the file is not NIfTI."""
     endian = next((e for e in "<>" if len(head) >= 4 and struct.unpack(e + "i", head[:4])[0] in (348, 540)), None)
     if endian is None:
         raise ValueError(f"'{path}' is not a NIfTI file (header size field {head[:4]!r})")
     if struct.unpack(endian + "i", head[:4])[0] == 348:
+        datatype = struct.unpack(endian + "h", head[70:72])[0]
         dims = struct.unpack(endian + "8h", head[40:56])
         bitpix = struct.unpack(endian + "h", head[72:74])[0]
         offset = int(struct.unpack(endian + "f", head[108:112])[0])
     else:
+        datatype = struct.unpack(endian + "h", head[12:14])[0]
         bitpix = struct.unpack(endian + "h", head[14:16])[0]
         dims = struct.unpack(endian + "8q", head[16:80])
         offset = struct.unpack(endian + "q", head[168:176])[0]
     expected = int(np.prod([max(int(d), 1) for d in dims[1:1 + max(int(dims[0]), 1)]])) * bitpix // 8
-    return endian, expected, offset
+    return endian, datatype, expected, offset
 
 
 def _gzip_isize(path: Path) -> int | None:
@@ -170,7 +160,7 @@ def nifti_data_bytes(path: str | Path) -> tuple[int, int]:
     path = Path(path)
     gz = path.name.lower().endswith(".gz")
     with (gzip.open if gz else open)(path, "rb") as f:
-        _, expected, offset = _nifti_header(f.read(540), path)
+        _, _, expected, offset = _nifti_header(f.read(540), path)
         if not gz:
             return expected, max(path.stat().st_size - offset, 0)
         if _gzip_isize(path) == (offset + expected) % 2 ** 32:
