@@ -191,7 +191,7 @@ def _synthetic_volume(rng: np.random.Generator, shape=(160, 256, 256)) -> tuple[
 def guide_figures(cfg: GuideConfig, steps: int, fit_steps: int, device: torch.device,
                   dtype=torch.bfloat16) -> dict[str, float]:
     from pipeline.guide.crops import sample_crop_pair
-    from pipeline.guide.model import CoordinateGuide
+    from pipeline.guide.model import build_guide
     from pipeline.guide.train import collate_pairs, guide_param_groups, guide_train_step
 
     rng = np.random.default_rng(0)
@@ -204,8 +204,7 @@ def guide_figures(cfg: GuideConfig, steps: int, fit_steps: int, device: torch.de
         batch = collate_pairs(pairs)
         batches.append({k: v.to(device) if k == "image" else v for k, v in batch.items()})
     torch.manual_seed(0)
-    model = CoordinateGuide(channels=cfg.model.channels, stride=cfg.model.stride,
-                            blocks_per_level=cfg.model.blocks_per_level, padding_mode=cfg.model.padding_mode).to(device)
+    model = build_guide(cfg.model).to(device)
     opt = torch.optim.AdamW(guide_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
     ddp = _ddp(model)
     _reset_peak(device)

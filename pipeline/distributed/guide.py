@@ -20,16 +20,11 @@ from pipeline.data.patches import load_volume_refs
 from pipeline.distributed import trainer
 from pipeline.guide.crops import sample_crop_pair
 from pipeline.guide.inference import load_guide, save_guide
-from pipeline.guide.model import CoordinateGuide
+from pipeline.guide.model import build_guide
 from pipeline.guide.train import collate_pairs, guide_param_groups, guide_train_step
 from pipeline.train.step import lr_at
 
 GUIDE_FILE = "guide.pt"
-
-
-def build_guide(cfg: GuideConfig) -> CoordinateGuide:
-    return CoordinateGuide(channels=cfg.model.channels, stride=cfg.model.stride,
-                           blocks_per_level=cfg.model.blocks_per_level, padding_mode=cfg.model.padding_mode)
 
 
 def pair_batch(refs, cfg: GuideConfig, rank: int, step: int) -> tuple[dict, np.random.Generator]:
@@ -50,7 +45,7 @@ def train_loop_per_worker(config: dict) -> None:
     uri, run_id = config["tracking_uri"], config["run_id"]
     rank, _, device = trainer.worker_context()
     torch.manual_seed(cfg.seed)
-    model = build_guide(cfg).to(device)
+    model = build_guide(cfg.model).to(device)
     optimizer = torch.optim.AdamW(guide_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
 
     def load(directory: Path) -> int:

@@ -101,6 +101,12 @@ class CoordinateGuide(nn.Module):
         return F.interpolate(self(x), size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)
 
 
+def build_guide(model_cfg) -> CoordinateGuide:
+    """The guide of a ``GuideConfig.model`` section (channels, stride, blocks_per_level, padding_mode)."""
+    return CoordinateGuide(channels=model_cfg.channels, stride=model_cfg.stride,
+                           blocks_per_level=model_cfg.blocks_per_level, padding_mode=model_cfg.padding_mode)
+
+
 def sample_coords(coord_maps: torch.Tensor, index_zyx: torch.Tensor, stride: int) -> torch.Tensor:
     """Trilinear read of stride-``stride`` coordinate maps at full-resolution voxel positions.
 
