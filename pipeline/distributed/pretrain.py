@@ -20,7 +20,8 @@ from pipeline.diffusion.schedules import DiffusionSchedule
 from pipeline.distributed import trainer
 from pipeline.distributed.coords import ensure_coord_maps, resolve_guide
 from pipeline.train.checkpoint import MODEL_FILE, load_state, save_model, save_state, unwrap
-from pipeline.train.step import (add_objective_inputs, batch_to_tensors, build_model, ema_update, make_ema,
+from pipeline.train.step import (add_objective_inputs, batch_to_tensors, build_model, ema_decay_at, ema_update,
+                                 make_ema,
                                  train_step)
 
 
@@ -78,7 +79,7 @@ def train_loop_per_worker(config: dict) -> None:
         batches = _micro_batches(stream, cfg, rank, step, device)
         wait_s += time.perf_counter() - t0
         result = train_step(model, optimizer, batches, cfg, schedule, step, autocast)
-        ema_update(ema, unwrap(model), cfg.optim.ema_decay)
+        ema_update(ema, unwrap(model), ema_decay_at(step, cfg.optim.ema_decay))
         samples += cfg.optim.batch_size * cfg.optim.grad_accum_steps * world
         steps += 1
         done = step + 1

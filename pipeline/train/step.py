@@ -50,8 +50,18 @@ def lr_at(step: int, optim: OptimConfig) -> float:
     return optim.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay with warm-up (diffusers' ``EMAModel``): ``min(decay, (1 + step) / (10 + step))``.
+
+    Early updates follow the weights closely, so an EMA read after a short run is not mostly the random
+    initialization (a fixed 0.99 keeps 0.99^150 = 22 % of it after 150 steps). ``step`` counts from 0.
+    """
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * model`` for parameters; buffers are copied."""
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach(), 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
