@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("jobs.submit", "run a job on a running Ray cluster through its job API (JobSubmissionClient)"),
     "benchmark": ("jobs.benchmark", "measured speed and memory: preprocess, patches, train, gpu (JSON last line)"),
     "evaluate": ("jobs.evaluate", "Dice (linear / nonlinear / finetune), holdout or k-fold, vs random init"),
+    "train-segmenter": ("jobs.train_segmenter", "train the segmenter on every labelled case, register it in "
+                                                "MLflow (anatdiff-segmenter)"),
     "compare": ("jobs.compare", "table + chart of mean Dice across pretraining runs, logged to MLflow"),
     "study": ("jobs.study", "phantom study: 4 pretraining variants x 3 protocols, then compare"),
     "export": ("jobs.export", "a pretrained backbone as a plain-PyTorch folder, registered in MLflow"),

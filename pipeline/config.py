@@ -231,6 +231,8 @@ class FrozenHeadConfig(StrictModel):
     voxels_per_window: int = Field(2048, ge=1, description="body voxels drawn uniformly in each window")
     voxels_per_organ: int = Field(256, ge=0, description="extra voxels of each organ present in a window")
     foreground_prob: float = Field(0.67, ge=0, le=1, description="share of windows centred on an organ voxel")
+    jitter: float = Field(0.25, ge=0, le=0.5, description="organ voxel moved off the window centre by up to "
+                                                          "this fraction of the window size per axis")
     steps: int = Field(2000, ge=1, description="head optimizer steps")
     batch_voxels: int = Field(4096, ge=1, description="feature vectors per step")
     lr: float = Field(2e-3, gt=0, description="peak learning rate (AdamW, warm-up then cosine)")
@@ -249,6 +251,8 @@ class NetworkTrainConfig(StrictModel):
     warmup_steps: int = Field(50, ge=0)
     foreground_prob: float = Field(0.67, ge=0, le=1, description="share of patches centred on an organ "
                                                                  "(organ drawn uniformly among those present)")
+    jitter: float = Field(0.25, ge=0, le=0.5, description="organ voxel moved off the patch centre by up to "
+                                                          "this fraction of the patch size per axis")
     head: Literal["linear", "nonlinear"] = Field("linear", description="head on the decoder's features")
     val_every: int = Field(250, ge=0, description="steps between validation Dice checks (0: at the end only)")
     max_seconds: float | None = Field(
@@ -294,6 +298,38 @@ class EvaluateConfig(StrictModel):
         if not self.feature_timesteps or any(t < 0 for t in self.feature_timesteps):
             raise ValueError(f"feature_timesteps must be one or more timesteps >= 0, got {self.feature_timesteps}")
         return self
+
+
+class SegmenterConfig(StrictModel):
+    """`anatdiff train-segmenter`: train the downstream model on ALL labelled cases (no test split), save it as a
+    segmenter (pipeline/evaluation/segmenter.py), log and register it in MLflow."""
+
+    data: tuple[str, ...] = Field(..., min_length=1, description="preprocessed labelled folders (all cases train)")
+    pretrain_run_id: str | None = Field(None, description="MLflow run id of the pretrain job")
+    checkpoint: str | None = Field(None, description="or a model.pt path (wins over pretrain_run_id)")
+    protocol: Literal["nonlinear", "linear", "finetune"] = Field(
+        "nonlinear", description="head on frozen features, or finetune (all weights train)")
+    feature_timesteps: tuple[int, ...] = Field((50,), description="diffusion timesteps features are taken at")
+    head: FrozenHeadConfig = FrozenHeadConfig()
+    finetune: NetworkTrainConfig = NetworkTrainConfig(backbone_lr_scale=0.1)
+    loss: Literal["bce_dice", "dice_ce"] = "dice_ce"
+    val_cases: int = Field(0, ge=0, description="cases (the last by item id) kept for validation Dice")
+    patch_size_zyx: ZYXInt | None = Field(None, description="default: the pretrain patch size")
+    sw_overlap: float = Field(0.25, ge=0, lt=1)
+    registered_model: str | None = Field("anatdiff-segmenter", description="MLflow registered model; None: skip")
+    alias: str = Field("latest", description="registry alias pointed at the new version")
+    gpus: float = Field(0.0, ge=0, description="GPUs of the training task (0 on CPU machines)")
+    cpus: float = Field(1.0, gt=0, description="CPUs of the training task (its torch threads)")
+    seed: int = 0
+    num_cpus: int | None = Field(None, ge=1)
+    tracking: TrackingConfig = TrackingConfig()
+
+    def evaluate_config(self) -> "EvaluateConfig":
+        """The training settings as the ``EvaluateConfig`` the downstream functions take."""
+        shared = ("protocol", "feature_timesteps", "head", "finetune", "loss", "patch_size_zyx", "sw_overlap",
+                  "seed", "tracking")
+        return EvaluateConfig.model_validate({"data": self.data[0], "compare_random_init": False,
+                                              **{k: getattr(self, k) for k in shared}})
 
 
 class CompareConfig(StrictModel):

@@ -243,3 +243,33 @@ def metric_values(uri: str, run_id: str, key: str) -> list[float]:
 
     history = mlflow.MlflowClient(uri).get_metric_history(run_id, key)
     return [m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
+
+
+def log_segmenter_model(uri: str, run_id: str, segmenter, folder: str | Path, registered_name: str | None,
+                        alias: str) -> tuple[str, int | None]:
+    """Log ``segmenter`` (a torch module) as an ``mlflow.pytorch`` model named ``model`` of ``run_id``, with a
+    signature ((Z, Y, X) HU in, (Z, Y, X) uint8 labels out), the plain segmenter files of ``folder`` as extra
+    files and the ``pipeline`` package as code; register it as ``registered_name`` with ``alias``.
+
+    ``mlflow.pytorch.load_model`` and ``mlflow.pyfunc.load_model`` unpickle it (they run code: load models only
+    from stores you trust); `anatdiff predict` reads the plain files instead. Returns (model URI, version).
+    """
+    import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1), "volume_hu")]),
+                               outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), "labels")]))
+    package = Path(__file__).resolve().parent
+    files = [str(f) for f in sorted(Path(folder).iterdir()) if f.is_file()]
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(segmenter, name="model", signature=signature, extra_files=files,
+                                        code_paths=[str(package)], serialization_format="pickle",
+                                        pip_requirements=[])
+    if not registered_name:
+        return info.model_uri, None
+    version = mlflow.register_model(info.model_uri, registered_name)
+    mlflow.MlflowClient(uri).set_registered_model_alias(registered_name, alias, version.version)
+    return f"models:/{registered_name}@{alias}", int(version.version)

@@ -147,15 +147,19 @@ def organ_voxels(ref: VolumeRef) -> dict[int, np.ndarray]:
     return ref._cache["organ_voxels"]
 
 
-def _random_start(ref: VolumeRef, size_zyx, rng: np.random.Generator, foreground: bool) -> np.ndarray:
+def _random_start(ref: VolumeRef, size_zyx, rng: np.random.Generator, foreground: bool,
+                  jitter: float = 0.0) -> np.ndarray:
     """Patch start so that its centre is a body voxel, or, when ``foreground``, a voxel of an organ drawn
     uniformly among the organs present (class first, then voxel: MONAI's RandCropByLabelClasses), so that
-    small organs (adrenals, gallbladder) are centred as often as the liver."""
+    small organs (adrenals, gallbladder) are centred as often as the liver. ``jitter``: the organ voxel is
+    moved off the centre by up to that fraction of the patch size per axis (sliding windows see organs
+    anywhere in a window, not only in its middle)."""
     size = np.asarray(size_zyx)
     organs = organ_voxels(ref) if foreground and ref.label_path is not None else {}
     if organs:
         voxels = organs[list(organs)[rng.integers(len(organs))]]
-        return voxels[rng.integers(len(voxels))] - size // 2
+        reach = (size * jitter).astype(int)
+        return voxels[rng.integers(len(voxels))] - size // 2 + rng.integers(-reach, reach + 1)
     box = ref.body_bbox_zyx()
     mask = ref.mask()
     centre = None
@@ -175,11 +179,11 @@ def patch_coords(ref: VolumeRef, start_zyx, size_zyx) -> np.ndarray:
 
 
 def sample_patch(ref: VolumeRef, size_zyx, window_hu, rng: np.random.Generator,
-                 foreground_prob: float = 0.0) -> dict[str, np.ndarray]:
+                 foreground_prob: float = 0.0, jitter: float = 0.0) -> dict[str, np.ndarray]:
     """One patch: ``image`` (1, D, H, W) in [0, 1], ``coords`` (3, D, H, W) body-box, ``mask`` (D, H, W)
     bool, and ``label`` (D, H, W) int64 when the volume is labelled."""
     foreground = ref.label_path is not None and rng.random() < foreground_prob
-    start = _random_start(ref, size_zyx, rng, foreground)
+    start = _random_start(ref, size_zyx, rng, foreground, jitter)
     out = {
         "image": scale_hu(cut_patch(ref.image(), start, size_zyx, PAD_HU), window_hu)[None],
         "coords": patch_coords(ref, start, size_zyx),
@@ -201,11 +205,11 @@ class PatchStream:
     """
 
     def __init__(self, refs: list[VolumeRef], patch_size_zyx, window_hu, seed: int = 0, rank: int = 0,
-                 foreground_prob: float = 0.0, balance_scanners: bool = False):
+                 foreground_prob: float = 0.0, balance_scanners: bool = False, jitter: float = 0.0):
         if not refs:
             raise UserError("the patch stream got no volumes")
         self.refs, self.size, self.window = refs, tuple(patch_size_zyx), tuple(window_hu)
-        self.seed, self.rank, self.foreground_prob = seed, rank, foreground_prob
+        self.seed, self.rank, self.foreground_prob, self.jitter = seed, rank, foreground_prob, jitter
         weights = np.ones(len(refs))
         if balance_scanners:
             keys = [r.scanner_key for r in refs]
@@ -216,6 +220,6 @@ class PatchStream:
     def batch(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, self.rank, step])
         picks = rng.choice(len(self.refs), size=batch_size, p=self.p)
-        patches = [sample_patch(self.refs[i], self.size, self.window, rng, self.foreground_prob)
+        patches = [sample_patch(self.refs[i], self.size, self.window, rng, self.foreground_prob, self.jitter)
                    for i in picks]
         return {k: np.stack([p[k] for p in patches]) for k in patches[0]}

@@ -48,8 +48,6 @@ def _fold_task(model_path: str, variant: str, cfg_json: dict, data_dir: str, fol
     out = evaluate_backbone(backbone, pretrain_cfg, cfg, [refs[i] for i in fold["train"]],
                             [refs[i] for i in fold["test"]], [refs[i] for i in fold["val"]], device=device,
                             variant=variant, progress=progress_printer(label))
-    out.pop("features")
-    out["head"] = {k: v.cpu() for k, v in out["head"].state_dict().items()}
     return out
 
 
@@ -94,9 +92,10 @@ def plan_folds(cfg: EvaluateConfig, refs: list[VolumeRef]) -> list[dict[str, lis
                         f"split={cfg.split}, folds={cfg.folds}: {e}") from None
 
 
-def _guide_coords(model_path: str, data_dir: str, uri: str, workdir: Path, run_id: str) -> str | None:
-    """For a backbone pretrained with the learned guide: its coordinate maps over the labelled data."""
-    from pipeline.distributed.coords import ensure_coord_maps, resolve_guide
+def guide_file_of(model_path: str, uri: str, workdir: Path, run_id: str) -> Path | None:
+    """The frozen guide of a backbone pretrained with ``guidance: learned`` (bundled beside model.pt, else
+    resolved from its config), tagged on ``run_id``; None for other guidance."""
+    from pipeline.distributed.coords import resolve_guide
     from pipeline.train.checkpoint import load_pretrained
 
     _, pretrain_cfg = load_pretrained(model_path)
@@ -107,7 +106,15 @@ def _guide_coords(model_path: str, data_dir: str, uri: str, workdir: Path, run_i
         resolve_guide(pretrain_cfg.model.guide_checkpoint, uri, workdir)
     tracking.set_tags(uri, run_id, {"anatdiff.guide": pretrain_cfg.model.guide_checkpoint or "",
                                     "anatdiff.guide_run_id": guide_run or _run_of(pretrain_cfg.model.guide_checkpoint)})
-    return str(ensure_coord_maps(data_dir, guide_file))
+    return guide_file
+
+
+def _guide_coords(model_path: str, data_dir: str, uri: str, workdir: Path, run_id: str) -> str | None:
+    """For a backbone pretrained with the learned guide: its coordinate maps over the labelled data."""
+    from pipeline.distributed.coords import ensure_coord_maps
+
+    guide_file = guide_file_of(model_path, uri, workdir, run_id)
+    return None if guide_file is None else str(ensure_coord_maps(data_dir, guide_file))
 
 
 def _run_of(spec: str | None) -> str:

@@ -83,7 +83,7 @@ def train_frozen_head(features: BackboneFeatures, refs: list[VolumeRef], cfg: Ev
     torch.manual_seed(cfg.seed)
     device = next(features.backbone.parameters()).device
     bank = build_bank(features, refs, patch_size_zyx, window_hu, hc.windows_per_volume, hc.voxels_per_window,
-                      hc.voxels_per_organ, seed=cfg.seed + 1, foreground_prob=hc.foreground_prob)
+                      hc.voxels_per_organ, seed=cfg.seed + 1, foreground_prob=hc.foreground_prob, jitter=hc.jitter)
     head = build_head(cfg.protocol, features.feature_channels, hidden=hc.hidden,
                       feature_strides=features.feature_strides).to(device)
     mean, std = bank.channel_stats()
@@ -134,7 +134,8 @@ def train_network(features: BackboneFeatures, refs: list[VolumeRef], cfg: Evalua
     device = next(features.backbone.parameters()).device
     head = build_head(tc.head, features.feature_channels, hidden=cfg.head.hidden,
                       feature_strides=features.feature_strides).to(device)
-    stream = PatchStream(refs, patch_size_zyx, window_hu, seed=cfg.seed + 1, foreground_prob=tc.foreground_prob)
+    stream = PatchStream(refs, patch_size_zyx, window_hu, seed=cfg.seed + 1, foreground_prob=tc.foreground_prob,
+                         jitter=tc.jitter)
     optimizer = network_optimizer(features, head, tc)
     generator = torch.Generator().manual_seed(cfg.seed)
     result = HeadResult(head=head, losses=[])
@@ -198,20 +199,15 @@ def predict_volume(features: BackboneFeatures, head: nn.Module, ref: VolumeRef, 
 VARIANTS = ("pretrained", "random_init", "ceiling")
 
 
-def evaluate_backbone(backbone: nn.Module, pretrain_cfg: PretrainConfig, cfg: EvaluateConfig,
-                      train_refs: list[VolumeRef], test_refs: list[VolumeRef],
-                      val_refs: list[VolumeRef] | None = None, device: str | torch.device = "cpu",
-                      variant: str = "pretrained", progress: Progress | None = None) -> dict:
-    """Train on ``train_refs`` (validate on ``val_refs``), predict ``test_refs`` whole, on ``device``.
-
-    ``variant``: "pretrained" / "random_init" run ``cfg.protocol`` on ``backbone``; "ceiling" trains
-    ``backbone`` (randomly initialised by the caller) and a head with all weights (``cfg.ceiling``).
-    Returns ``dice``: case -> (13,) Dice, ``pred``: case -> (D, H, W) uint8, ``losses``, ``val_dice``
-    [(step, Dice)], ``best_step``, ``steps``, ``hd95``: case -> (13,) mm (when ``cfg.hd95``), ``seconds``.
-    """
+def fit_protocol(backbone: nn.Module, pretrain_cfg: PretrainConfig, cfg: EvaluateConfig,
+                 train_refs: list[VolumeRef], val_refs: list[VolumeRef] | None = None,
+                 device: str | torch.device = "cpu", variant: str = "pretrained",
+                 progress: Progress | None = None) -> tuple[HeadResult, BackboneFeatures]:
+    """Train what ``variant`` asks for on ``train_refs``: "pretrained" / "random_init" run ``cfg.protocol`` on
+    ``backbone``; "ceiling" trains ``backbone`` (randomly initialised by the caller) and a head with all weights
+    (``cfg.ceiling``). Returns the training result (head, losses, validation) and the backbone's features."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    t0 = time.perf_counter()
     patch = cfg.patch_size_zyx or pretrain_cfg.patches.patch_size_zyx
     window_hu = pretrain_cfg.patches.window_hu
     trains_backbone = variant == "ceiling" or cfg.protocol == "finetune"
@@ -224,9 +220,32 @@ def evaluate_backbone(backbone: nn.Module, pretrain_cfg: PretrainConfig, cfg: Ev
         result = train_network(features, train_refs, cfg, cfg.finetune, patch, window_hu, val_refs, progress)
     else:
         result = train_frozen_head(features, train_refs, cfg, patch, window_hu, val_refs, progress)
+    return result, features
+
+
+def head_kind(cfg: EvaluateConfig, variant: str = "pretrained") -> str:
+    """The head architecture ``fit_protocol`` trains for ``variant``."""
+    if variant == "ceiling":
+        return cfg.ceiling.head
+    return cfg.finetune.head if cfg.protocol == "finetune" else cfg.protocol
+
+
+def evaluate_backbone(backbone: nn.Module, pretrain_cfg: PretrainConfig, cfg: EvaluateConfig,
+                      train_refs: list[VolumeRef], test_refs: list[VolumeRef],
+                      val_refs: list[VolumeRef] | None = None, device: str | torch.device = "cpu",
+                      variant: str = "pretrained", progress: Progress | None = None) -> dict:
+    """``fit_protocol`` on ``train_refs`` (validating on ``val_refs``), then predict ``test_refs`` whole.
+
+    Returns ``dice``: case -> (13,) Dice, ``pred``: case -> (D, H, W) uint8, ``losses``, ``val_dice``
+    [(step, Dice)], ``best_step``, ``steps``, ``hd95``: case -> (13,) mm (when ``cfg.hd95``), ``seconds``.
+    """
+    t0 = time.perf_counter()
+    result, features = fit_protocol(backbone, pretrain_cfg, cfg, train_refs, val_refs, device, variant, progress)
+    patch = cfg.patch_size_zyx or pretrain_cfg.patches.patch_size_zyx
     per_case, preds, hd95 = {}, {}, {}
     for ref in test_refs:
-        pred = predict_volume(features, result.head, ref, patch, window_hu, cfg.sw_overlap, cfg.seed)
+        pred = predict_volume(features, result.head, ref, patch, pretrain_cfg.patches.window_hu,
+                              cfg.sw_overlap, cfg.seed)
         label = np.asarray(ref.label())
         per_case[ref.item_id] = dice_per_organ(pred, label)
         preds[ref.item_id] = pred
@@ -234,4 +253,4 @@ def evaluate_backbone(backbone: nn.Module, pretrain_cfg: PretrainConfig, cfg: Ev
             hd95[ref.item_id] = hd95_per_organ(pred, label, ref.spacing_zyx_mm)
     return {"dice": per_case, "pred": preds, "losses": result.losses, "val_dice": result.val_dice,
             "best_step": result.best_step, "steps": result.steps_done, "hd95": hd95,
-            "seconds": time.perf_counter() - t0, "head": result.head, "features": features}
+            "seconds": time.perf_counter() - t0}

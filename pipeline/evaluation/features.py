@@ -141,12 +141,13 @@ def sample_window_voxels(label_zyx: np.ndarray, mask_zyx: np.ndarray, n_uniform:
 @torch.no_grad()
 def build_bank(features: BackboneFeatures, refs: list[VolumeRef], patch_size_zyx, window_hu,
                windows_per_volume: int, voxels_uniform: int, voxels_per_organ: int, seed: int,
-               foreground_prob: float = 0.67, batch_size: int = 2) -> FeatureBank:
-    """The feature bank of ``refs``: ``windows_per_volume`` windows per volume (centred on an organ chosen
-    uniformly among those present with probability ``foreground_prob``, else on a body voxel), features of
-    ``sample_window_voxels`` voxels in each. Deterministic in ``seed``."""
+               foreground_prob: float = 0.67, batch_size: int = 2, jitter: float = 0.0) -> FeatureBank:
+    """The feature bank of ``refs``: ``windows_per_volume`` x len(refs) windows, volumes drawn uniformly (each
+    centred on an organ chosen uniformly among those present with probability ``foreground_prob``, moved by up
+    to ``jitter`` x the window size, else on a body voxel), features of ``sample_window_voxels`` voxels in
+    each. Deterministic in ``seed``."""
     device = next(features.backbone.parameters()).device
-    stream = PatchStream(refs, patch_size_zyx, window_hu, seed=seed, foreground_prob=foreground_prob)
+    stream = PatchStream(refs, patch_size_zyx, window_hu, seed=seed, foreground_prob=foreground_prob, jitter=jitter)
     rng = np.random.default_rng([seed, 17])
     generator = torch.Generator().manual_seed(seed)
     rows, labels = [], []
