@@ -70,10 +70,6 @@ class Predictor:
     actor (``map_batches`` with batch_size 1); ``map_in_process`` calls it in this process."""
 
     def __init__(self, job: PredictJob):
-        if job.torch_threads:
-            import torch
-
-            torch.set_num_threads(job.torch_threads)
         folder, tmp = model_folder(job.model, job.tracking_uri)
         try:
             if model_fingerprint(folder) != job.fingerprint:
@@ -83,6 +79,8 @@ class Predictor:
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+        if job.torch_threads and "torch" in sys.modules:   # a torch model: its threads = the actor's CPUs
+            sys.modules["torch"].set_num_threads(job.torch_threads)
         self.job = job
 
     def __call__(self, batch: dict) -> dict:
