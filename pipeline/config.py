@@ -274,6 +274,9 @@ class PredictConfig(StrictModel):
                                          "predictions.csv, organ_volumes.csv, report.json")
     max_voxels: int = Field(1_200_000_000, ge=1, description="reject headers claiming more voxels")
     overlays: bool = Field(True, description="write overlays/<item_id>.png (three planes) per scan")
+    dicom_seg: bool = Field(
+        False, description="also write <item_id>.seg.dcm (DICOM SEG, highdicom) for DICOM series inputs; it "
+                           "carries the series' patient and study identifiers, as a SEG must")
     num_actors: int | None = Field(
         None, ge=1, description="model replicas (Ray actors); None: one per GPU, else one per cpus_per_actor CPUs")
     gpus_per_actor: float | None = Field(

@@ -154,6 +154,7 @@ def write_dicom_series(folder: Path, image: sitk.Image, uid: str = "1.2.826.0.1.
                 "0020|0037": "\\".join(f"{v:.6f}" for v in (*d[:, 0], *d[:, 1])),
                 "0020|0032": "\\".join(f"{v:.4f}" for v in position), "0020|0013": str(k + 1),
                 "0028|0030": f"{sy:g}\\{sx:g}", "0018|0050": f"{sz:g}", "0010|0020": "PRED-TEST-1",
+                "0020|000d": uid + ".1", "0020|0052": uid + ".2", "0008|0018": f"{uid}.3.{k + 1}",
                 "0028|1052": "0", "0028|1053": "1"}
         for tag, value in tags.items():
             sl.SetMetaData(tag, value)

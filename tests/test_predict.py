@@ -92,18 +92,36 @@ def test_dicom_series_folder_gives_a_nifti_with_the_series_geometry(tmp_path):
     model = write_oracle(labelled, tmp_path / "model", (2.0, 2.0, 2.0))
     scans = tmp_path / "scans"                                       # an unlabelled folder of one series
     write_dicom_series(scans / "PATIENT_DOE_JANE" / "series1", image)
-    report = _predict(scans, tmp_path / "out", model)
+    report = _predict(scans, tmp_path / "out", model, dicom_seg=True)
     assert report["counts"] == {"predicted": 1, "rejected": 0, "skipped": 0}
     row = _table(tmp_path / "out").iloc[0]
-    assert row.n_files == image.GetSize()[2] and "DOE" not in row.item_id + row.label_path + row.overlay_path
+    assert row.n_files == image.GetSize()[2]
+    assert "DOE" not in row.item_id + row.label_path + row.overlay_path + row.seg_path
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(scans / "PATIENT_DOE_JANE" / "series1"))
     series = sitk.ImageSeriesReader()
-    series.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(scans / "PATIENT_DOE_JANE" / "series1")))
+    series.SetFileNames(files)
     series_image = series.Execute()
     pred = sitk.ReadImage(str(tmp_path / "out" / row.label_path))
     _assert_same_grid(pred, series_image)
     np.testing.assert_allclose(np.asarray(pred.GetDirection()).reshape(3, 3), direction, atol=1e-5)
     dice = dice_per_organ(sitk.GetArrayFromImage(label), sitk.GetArrayFromImage(pred))
     assert min(dice.values()) >= 0.95, dice
+    _assert_seg_matches(tmp_path / "out" / row.seg_path, files, sitk.GetArrayFromImage(pred))
+
+
+def _assert_seg_matches(path: Path, files, labels_zyx: np.ndarray) -> None:
+    """The DICOM SEG holds, on each source slice, the same organs as the NIfTI label map's slice."""
+    import highdicom as hd
+    import pydicom
+
+    seg = hd.seg.segread(path)
+    assert seg.PatientID == "PRED-TEST-1"                            # filed with its patient, as a SEG must be
+    to_label = np.zeros(len(ORGANS) + 1, np.uint8)
+    for d in seg.SegmentSequence:
+        to_label[d.SegmentNumber] = ORGAN_TO_LABEL[d.SegmentLabel]
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    pixels = seg.get_pixels_by_source_instance(uids, combine_segments=True, assert_missing_frames_are_empty=False)
+    np.testing.assert_array_equal(to_label[pixels], labels_zyx)
 
 
 def test_organ_volumes_are_voxels_times_voxel_volume_on_a_hand_built_label():
@@ -233,3 +251,16 @@ def test_registered_and_run_model_uris_download_the_folder(tmp_path, monkeypatch
             assert tmp is not None and os.path.isdir(tmp)
     with pytest.raises(UserError, match="cannot fetch model 'models:/anatdiff-segmenter@nope'"):
         model_folder("models:/anatdiff-segmenter@nope", uri)
+
+
+def test_submit_validates_a_predict_config_before_any_upload(tmp_path):
+    from pipeline.distributed.submit import validate_locally
+
+    cfg = tmp_path / "predict.yaml"
+    cfg.write_text("model: models:/anatdiff-segmenter\ninput: s3://ct/new\noutput: /shared/labels\n")
+    with pytest.raises(UserError, match="is not runs:/<run_id>/<path>, models:/<name>@<alias>"):
+        validate_locally("predict", cfg, [])
+    cfg.write_text("model: models:/anatdiff-segmenter@best\ninput: s3://ct/new\noutput: /shared/labels\n")
+    validate_locally("predict", cfg, ["gpus_per_actor=0.5"])
+    with pytest.raises(UserError, match="field 'gpus_per_actr': unknown field"):
+        validate_locally("predict", cfg, ["gpus_per_actr=1"])

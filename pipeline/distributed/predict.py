@@ -27,7 +27,7 @@ from pipeline.io.filesystems import is_remote
 from pipeline.predict import segmenter as segmenter_api
 from pipeline.predict.inputs import Inputs, content_key, discover_inputs, load_done, model_fingerprint
 from pipeline.predict.report import unaccounted_files, write_tables
-from pipeline.predict.scan import predict_unit, skipped_row
+from pipeline.predict.scan import PredictOptions, predict_unit, skipped_row
 
 
 def model_folder(model: str, tracking_uri: str | None) -> tuple[Path, str | None]:
@@ -60,8 +60,7 @@ class PredictJob:
     factory: Callable
     input_root: str
     out_dir: str
-    max_voxels: int
-    overlays: bool
+    options: PredictOptions
     torch_threads: int = 0
 
 
@@ -88,7 +87,7 @@ class Predictor:
         rows per item (``rows_json``)."""
         j = self.job
         out = [json.dumps(predict_unit(json.loads(str(item)), self.segmenter, j.input_root, j.out_dir, str(key),
-                                       j.max_voxels, j.overlays))
+                                       j.options))
                for item, key in zip(batch["item"], batch["key"])]
         return {"rows_json": np.asarray(out, dtype=object)}
 
@@ -215,14 +214,15 @@ def run_predict(cfg: PredictConfig, progress: bool = True, segmenter_factory: Ca
     factory = segmenter_factory or segmenter_api.load_from_folder
     fingerprint = _checked_model(cfg, factory)
     remove_partial_files(out_dir)
-    settings = {"max_voxels": cfg.max_voxels, "overlays": cfg.overlays}
+    options = PredictOptions(cfg.max_voxels, cfg.overlays, cfg.dicom_seg)
+    settings = {"max_voxels": cfg.max_voxels, "overlays": cfg.overlays, "dicom_seg": cfg.dicom_seg}
     keys = {i.item_id: content_key(i.files, inputs.listing, fingerprint, settings) for i in inputs.items}
     done = {i.item_id: load_done(out_dir, i.item_id, keys[i.item_id]) for i in inputs.items}
     todo = [(i.to_dict(), keys[i.item_id]) for i in inputs.items if done[i.item_id] is None]
     rows = [r for rs in done.values() if rs is not None for r in rs]
     model = cfg.model if cfg.model.startswith(("runs:/", "models:/")) else os.path.abspath(cfg.model)
-    job = PredictJob(model, cfg.tracking.tracking_uri, fingerprint, factory, inputs.root, str(out_dir),
-                     cfg.max_voxels, cfg.overlays, max(1, int(cfg.cpus_per_actor)))
+    job = PredictJob(model, cfg.tracking.tracking_uri, fingerprint, factory, inputs.root, str(out_dir), options,
+                     max(1, int(cfg.cpus_per_actor)))
     line = ProgressLine(len(todo), enabled=progress)
     for unit_rows in (map_units or map_ray)(todo, job, cfg):
         rows += unit_rows

@@ -21,9 +21,9 @@ from pipeline.config import UserError
 from pipeline.ingest.resume import DONE_DIR
 from pipeline.io.filesystems import FileEntry, is_remote, list_files, open_root, remove_tree, shadow_tree
 from pipeline.io.layouts import Item, _mhd_data_files, discover_items, image_kind, make_item_id
+from pipeline.predict.scan import OUTPUT_FIELDS
 
 KEY_VERSION = "anatdiff-predict-1"
-_OUTPUT_FIELDS = ("label_path", "overlay_path")
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,6 @@ def load_done(out_dir: str | Path, item_id: str, key: str) -> list[dict] | None:
     if done.get("content_key") != key:
         return None
     rows = done.get("rows") or []
-    if not all((Path(out_dir) / r[f]).is_file() for r in rows for f in _OUTPUT_FIELDS if r.get(f)):
+    if not all((Path(out_dir) / r[f]).is_file() for r in rows for f in OUTPUT_FIELDS if r.get(f)):
         return None
     return rows

@@ -21,8 +21,8 @@ from pipeline.predict.scan import STATUSES
 PREDICTIONS_CSV = "predictions.csv"
 VOLUMES_CSV = "organ_volumes.csv"
 REPORT_JSON = "report.json"
-_COLUMNS = ("item_id", "source", "kind", "status", "reason", "label_path", "overlay_path", "n_files",
-            "size_xyz", "spacing_xyz_mm", "seconds")
+_COLUMNS = ("item_id", "source", "kind", "status", "reason", "label_path", "overlay_path", "seg_path", "n_files",
+            "size_xyz", "spacing_xyz_mm", "seconds", "dice_note")
 
 
 def _write_atomic(path: Path, write) -> None:
