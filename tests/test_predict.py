@@ -264,3 +264,34 @@ def test_submit_validates_a_predict_config_before_any_upload(tmp_path):
     validate_locally("predict", cfg, ["gpus_per_actor=0.5"])
     with pytest.raises(UserError, match="field 'gpus_per_actr': unknown field"):
         validate_locally("predict", cfg, ["gpus_per_actr=1"])
+
+
+REAL = Path(__file__).parent / "data" / "real-ct"
+
+
+def test_real_ct_label_maps_land_on_the_real_headers(tmp_path):
+    """Real headers: the BTCV abdomen (stored RAS: x and y flipped in LPS, int32 and int16) and the chest NRRD
+    (anisotropic 2.3 x 2.3 x 5 mm). The abdomen's grid equals the model grid, so the round trip is exact."""
+    model = write_oracle(REAL / "abdomen_btcv", tmp_path / "model", (3.0, 3.0, 3.0))
+    report = _predict(REAL / "abdomen_btcv", tmp_path / "out", model, overlays=False)
+    assert report["counts"] == {"predicted": 2, "rejected": 0, "skipped": 0}
+    table = _table(tmp_path / "out")
+    dice = table[[f"dice_{o}" for o in ORGANS if f"dice_{o}" in table]]
+    assert dice.shape == (2, 12) and (dice.to_numpy() == 1.0).all()  # all but the esophagus (out of view)
+    for row in table.itertuples():
+        source = sitk.ReadImage(str(REAL / "abdomen_btcv" / row.source))
+        assert np.allclose(np.asarray(source.GetDirection()).reshape(3, 3), np.diag([-1, -1, 1]))
+        _assert_same_grid(sitk.ReadImage(str(tmp_path / "out" / row.label_path)), source)
+
+    (tmp_path / "bone" / "oracle.json").parent.mkdir()
+    np.savez(tmp_path / "bone" / "labels.npz")
+    np.savez(tmp_path / "bone" / "volumes.npz")
+    (tmp_path / "bone" / "oracle.json").write_text(json.dumps(
+        {"spacing_zyx_mm": [3.0, 3.0, 3.0], "body_threshold_hu": -500.0, "mode": "bone-as-liver"}))
+    chest = REAL / "chest" / "radiomics_lung1_ct_4x.nrrd"
+    assert _predict(chest, tmp_path / "chest", tmp_path / "bone")["counts"]["predicted"] == 1
+    source = sitk.ReadImage(str(chest))
+    pred = sitk.ReadImage(str(tmp_path / "chest" / _table(tmp_path / "chest").label_path[0]))
+    _assert_same_grid(pred, source)
+    bone = (sitk.GetArrayFromImage(source) > 150) & (sitk.GetArrayFromImage(pred) > 0)
+    assert bone.sum() > 0.5 * (sitk.GetArrayFromImage(pred) > 0).sum()  # the labels sit on the bones
