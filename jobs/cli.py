@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("jobs.compare", "table + chart of mean Dice across pretraining runs, logged to MLflow"),
     "study": ("jobs.study", "phantom study: 4 pretraining variants x 3 protocols, then compare"),
     "export": ("jobs.export", "a pretrained backbone as a plain-PyTorch folder, registered in MLflow"),
+    "predict": ("jobs.predict", "segment new scans with a trained segmenter: label maps on the original grid"),
 }
 
 USAGE = """usage: anatdiff <command> [options]

@@ -6,6 +6,7 @@ subclasses. A run's resolved config is written next to its outputs, so a run is 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -353,6 +354,40 @@ class ExportConfig(StrictModel):
     def _check(self) -> "ExportConfig":
         if not self.run_id and not self.checkpoint:
             raise ValueError("export needs run_id (a pretrain run) or checkpoint (a model.pt path)")
+        return self
+
+
+#: model URIs ``anatdiff predict`` fetches from MLflow (anything else is a local folder)
+MODEL_URI_FORMS = (r"runs:/[^/]+/.+", r"models:/[^/@]+@[^/@]+", r"models:/[^/@]+/\d+")
+
+
+class PredictConfig(StrictModel):
+    model: str = Field(..., description="the segmenter: runs:/<run_id>/<path>, models:/<name>@<alias>, "
+                                        "models:/<name>/<version>, or a local folder holding a saved one")
+    input: str = Field(..., description="one scan (NIfTI/NRRD/MHA), a folder of scans or DICOM series "
+                                        "(BTCV and nnU-Net/MSD layouts too), or an s3:// / gs:// prefix")
+    output: str = Field(..., description="output folder: <item_id>.nii.gz label maps, overlays/, "
+                                         "predictions.csv, organ_volumes.csv, report.json")
+    max_voxels: int = Field(1_200_000_000, ge=1, description="reject headers claiming more voxels")
+    overlays: bool = Field(True, description="write overlays/<item_id>.png (three planes) per scan")
+    dicom_seg: bool = Field(
+        False, description="also write <item_id>.seg.dcm (DICOM SEG, highdicom) for DICOM series inputs; it "
+                           "carries the series' patient and study identifiers, as a SEG must")
+    num_actors: int | None = Field(
+        None, ge=1, description="model replicas (Ray actors); None: one per GPU, else one per cpus_per_actor CPUs")
+    gpus_per_actor: float | None = Field(
+        None, ge=0, description="GPUs each actor holds; None: 1 where the cluster has GPUs, else 0 (0.25-0.5 "
+                                "lets reading and restoring of one scan overlap another's inference)")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each actor reserves (its torch threads)")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance (None = all)")
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "PredictConfig":
+        if self.model.startswith(("runs:", "models:")) and not any(re.fullmatch(f, self.model)
+                                                                   for f in MODEL_URI_FORMS):
+            raise ValueError(f"model '{self.model}' is not runs:/<run_id>/<path>, models:/<name>@<alias> or "
+                             "models:/<name>/<version>")
         return self
 
 

@@ -273,3 +273,18 @@ def log_segmenter_model(uri: str, run_id: str, segmenter, folder: str | Path, re
     version = mlflow.register_model(info.model_uri, registered_name)
     mlflow.MlflowClient(uri).set_registered_model_alias(registered_name, alias, version.version)
     return f"models:/{registered_name}@{alias}", int(version.version)
+
+
+def download_model(model_uri: str, dst: str | Path, tracking_uri: str | None = None) -> Path:
+    """A local copy under ``dst`` of a model folder named by ``runs:/<run_id>/<path>``, ``models:/<name>@<alias>``
+    or ``models:/<name>/<version>`` (the registry is the tracking store). Raises UserError when it cannot be
+    fetched."""
+    import mlflow
+
+    uri = connect(tracking_uri)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=uri)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"cannot fetch model '{model_uri}' from {uri}: {first}") from None
+    return Path(local)

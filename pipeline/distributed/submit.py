@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Callable, Mapping
 from urllib.parse import urlparse
 
-from pipeline.config import (DemoConfig, EvaluateConfig, GuideConfig, PreprocessConfig, PretrainConfig,
-                             SegmenterConfig, StrictModel, SynthConfig, UserError, load_config,
+from pipeline.config import (DemoConfig, EvaluateConfig, GuideConfig, PredictConfig, PreprocessConfig,
+                             PretrainConfig, SegmenterConfig, StrictModel, SynthConfig, UserError, load_config,
                              parse_set_overrides)
 from pipeline.tracking import DEFAULT_TRACKING_URI, resolve_tracking_uri
 
@@ -43,7 +43,7 @@ STORAGE_ENV_VARS: tuple[str, ...] = (
 )
 JOB_CONFIGS: dict[str, type[StrictModel]] = {
     "synth": SynthConfig, "preprocess": PreprocessConfig, "pretrain": PretrainConfig,
-    "evaluate": EvaluateConfig, "demo": DemoConfig, "train_guide": GuideConfig,
+    "evaluate": EvaluateConfig, "demo": DemoConfig, "train_guide": GuideConfig, "predict": PredictConfig,
     "train_segmenter": SegmenterConfig,
 }
 NOT_JOBS = {"__init__", "_common", "cli", "submit"}
