@@ -136,8 +136,9 @@ def test_too_many_voxels_per_view_is_a_config_error():
         load_config(PretrainConfig, None, {"data": "d", "objective": "contrastive",
                                            "patches": {"patch_size_zyx": [8, 16, 16]},
                                            "contrastive": {"voxels_per_view": 257}})
-    load_config(PretrainConfig, None, {"data": "d", "objective": "diffusion", "patches": {"patch_size_zyx": [8, 16, 16]},
-                                       "contrastive": {"voxels_per_view": 257}})  # only checked when used
+    load_config(PretrainConfig, None, {"data": "d", "objective": "diffusion",  # only checked when used
+                                       "patches": {"patch_size_zyx": [8, 16, 16]},
+                                       "contrastive": {"voxels_per_view": 257}})
 
 
 def test_a_volume_too_small_for_the_pairs_is_a_clear_error(tmp_path):
