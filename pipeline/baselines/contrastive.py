@@ -141,19 +141,23 @@ class ProjectionHead(nn.Module):
 class ContrastiveModel(nn.Module):
     """The backbone plus the training-only projection head; ``backbone`` is what gets exported.
 
-    forward(x (B, 1, D, H, W), t (B,), cond or None, voxels (B, K, 3) int64) -> (embeddings (B, K, proj_dim)
+    forward(x (B, 1, D, H, W), t (B,), cond or None, voxels=(B, K, 3) int64) -> (embeddings (B, K, proj_dim)
     unit vectors, out_mean): ``out_mean`` is the mean of the backbone's output volume, which the contrastive
     loss does not use; adding ``0 * out_mean`` gives the output layer a (zero) gradient, as DDP wants every
-    parameter to get one.
+    parameter to get one. Without ``voxels`` it is the backbone (``return_features`` included), so code that
+    reads features from the model being trained (the online probe) works unchanged.
     """
 
     def __init__(self, backbone: nn.Module, proj_dim: int):
         super().__init__()
         self.backbone = backbone
         self.head = ProjectionHead(sum(backbone.feature_channels), proj_dim)
+        self.feature_channels, self.feature_strides = backbone.feature_channels, backbone.feature_strides
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | None, cond: torch.Tensor | None,
-                voxels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                voxels: torch.Tensor | None = None, return_features: bool = False):
+        if voxels is None:
+            return self.backbone(x, t, cond, return_features=return_features)
         out, features = self.backbone(x, t, cond, return_features=True)
         picked = select_voxel_features(features, self.backbone.feature_strides, voxels)
         embeddings = self.head(picked.reshape(-1, picked.shape[-1]))
