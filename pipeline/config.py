@@ -132,6 +132,16 @@ class OptimConfig(StrictModel):
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
 
 
+class ContrastiveConfig(StrictModel):
+    """``objective: contrastive`` (vox2vec): voxel-level InfoNCE between two overlapping crops of a scan."""
+
+    temperature: float = Field(0.1, gt=0, description="InfoNCE temperature (vox2vec: 0.1)")
+    proj_dim: int = Field(128, ge=2, description="output width of the training-only projection head")
+    voxels_per_view: int = Field(256, ge=2, description="positive voxel pairs sampled per crop pair")
+    max_shift_fraction: float = Field(
+        0.5, ge=0, le=0.75, description="view 2's corner moves up to this fraction of the patch per axis")
+
+
 class ProbeConfig(StrictModel):
     """Online probe during pretraining (pipeline/evaluation/probe.py): a linear head on frozen features of a
     few labelled volumes, scored by Dice on others, logged as ``probe_dice_mean``."""
@@ -149,7 +159,7 @@ class PretrainConfig(StrictModel):
     data: str = Field(..., description="preprocessed folder (holding manifest.parquet)")
     run_name: str = Field("pretrain", description="Ray run name; rerunning the same name resumes")
     storage_path: str = Field("runs", description="Ray Train storage (checkpoints): local folder or s3://")
-    objective: Literal["diffusion", "restorative", "none"] = "diffusion"
+    objective: Literal["diffusion", "restorative", "contrastive", "none"] = "diffusion"
     seed: int = 0
     patches: PatchConfig = PatchConfig()
     model: ModelConfig = ModelConfig()
@@ -169,6 +179,19 @@ class PretrainConfig(StrictModel):
     probe: ProbeConfig | None = Field(None, description="online probe of the features (rank 0); None: off")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance (None = all)")
     tracking: TrackingConfig = TrackingConfig()
+    contrastive: ContrastiveConfig = ContrastiveConfig()
+
+    @model_validator(mode="after")
+    def _check_contrastive(self) -> "PretrainConfig":
+        size = self.patches.patch_size_zyx
+        overlap = 1
+        for n in size:
+            overlap *= n - int(n * self.contrastive.max_shift_fraction)
+        if self.objective == "contrastive" and self.contrastive.voxels_per_view > overlap:
+            raise ValueError(f"contrastive.voxels_per_view must be at most {overlap} (the smallest overlap of two "
+                             f"{tuple(size)} views shifted by max_shift_fraction {self.contrastive.max_shift_fraction}"
+                             f"), got {self.contrastive.voxels_per_view}")
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> "PretrainConfig":
@@ -391,7 +414,7 @@ class PredictConfig(StrictModel):
         return self
 
 
-STUDY_VARIANTS = ("random_init", "restorative", "unguided", "guided")
+STUDY_VARIANTS = ("random_init", "restorative", "contrastive", "unguided", "guided")
 
 
 class StudyConfig(StrictModel):
@@ -400,7 +423,7 @@ class StudyConfig(StrictModel):
     n_labeled: int = Field(10, ge=3, description="labelled phantoms for the downstream evaluation")
     seed: int = 0
     target_spacing_zyx_mm: ZYX = Field((3.0, 3.0, 3.0), description="preprocess spacing (z, y, x) mm")
-    variants: tuple[Literal["random_init", "restorative", "unguided", "guided"], ...] = Field(
+    variants: tuple[Literal["random_init", "restorative", "contrastive", "unguided", "guided"], ...] = Field(
         STUDY_VARIANTS, min_length=1, description="pretraining variants, all with the same budget")
     guided_guidance: Literal["learned", "bodybox"] = Field(
         "learned", description="guidance of the 'guided' variant (learned: a guide is trained first)")

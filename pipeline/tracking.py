@@ -147,17 +147,53 @@ def get_run(uri: str, run_id: str):
         raise UserError(f"MLflow run '{run_id}' not found in {uri}") from None
 
 
+def start_system_metrics(uri: str, run_id: str, node_id: str | None = None,
+                         interval_s: float | None = None):
+    """Start MLflow's system-metrics monitor for ``run_id`` in a thread of this process; returns it (call
+    ``stop_system_metrics``), or None when psutil is missing (a warning says so).
+
+    Every ``interval_s`` seconds (default 10; ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` wins) it logs this
+    machine's ``system/cpu_utilization_percentage``, ``system/system_memory_usage_{megabytes,percentage}``,
+    disk and network figures and, where ``nvidia-ml-py`` finds GPUs, ``system/gpu_<i>_utilization_percentage``
+    and ``system/gpu_<i>_memory_usage_{megabytes,percentage}`` (``system/<node_id>/...`` with a node id).
+    A resumed run continues the steps it had.
+    """
+    import logging
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines on the console
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError as e:  # psutil missing
+        logging.getLogger(__name__).warning("system metrics are off for this run: %s (pip install psutil)", e)
+        return None
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s or 10.0, resume_logging=True,
+                                   node_id=node_id, tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
+def stop_system_metrics(monitor) -> None:
+    """Stop a monitor from ``start_system_metrics`` and flush what it sampled (None: nothing to do)."""
+    if monitor is not None:
+        monitor.finish()
+
+
 @contextmanager
-def run_status(uri: str, run_id: str) -> Iterator[None]:
-    """Mark the run FINISHED on success, FAILED (or KILLED on Ctrl-C) otherwise."""
+def run_status(uri: str, run_id: str, system_metrics: bool = True) -> Iterator[None]:
+    """Mark the run FINISHED on success, FAILED (or KILLED on Ctrl-C) otherwise. While the block runs,
+    ``system_metrics`` logs this machine's CPU, memory (and GPU) use to the run (``start_system_metrics``)."""
+    monitor = start_system_metrics(uri, run_id) if system_metrics else None
     try:
         yield
     except KeyboardInterrupt:
+        stop_system_metrics(monitor)
         end_run(uri, run_id, "KILLED")
         raise
     except BaseException:
+        stop_system_metrics(monitor)
         end_run(uri, run_id, "FAILED")
         raise
+    stop_system_metrics(monitor)
     end_run(uri, run_id, "FINISHED")
 
 

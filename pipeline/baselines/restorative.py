@@ -10,6 +10,7 @@ stay in [0, 1]. Block sizes are fractions of the patch size, so any patch size w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from math import comb
 
 import numpy as np
@@ -47,36 +48,122 @@ def nonlinear_intensity(x01: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return np.interp(x01, xs, ys).astype(x01.dtype)
 
 
-def _random_box(rng: np.random.Generator, shape_zyx, low_frac: float, high_frac: float,
-                min_high: int = 1) -> tuple[slice, ...]:
-    """A box whose size along each axis is drawn from [low_frac, high_frac] of that axis (at least 1 voxel,
-    up to at least ``min_high`` voxels), placed uniformly inside the patch."""
+def _random_box(rng: np.random.Generator, shape_zyx, low_frac: float, high_frac: float) -> tuple[slice, ...]:
+    """A box whose size along each axis is drawn from [low_frac, high_frac] of that axis (at least 1 voxel),
+    placed uniformly inside the patch."""
     box = []
     for n in shape_zyx:
         lo = max(int(n * low_frac), 1)
-        hi = min(max(int(n * high_frac), lo, min_high), n)
+        hi = min(max(int(n * high_frac), lo), n)
         size = int(rng.integers(lo, hi + 1))
         start = int(rng.integers(0, n - size + 1))
         box.append(slice(start, start + size))
     return (Ellipsis, *box)
 
 
+@dataclass(frozen=True)
+class ShufflePlan:
+    """The random draws of one local pixel shuffling, in the order Models Genesis applies its blocks.
+
+    ``starts_zyx``, ``sizes_zyx``: (N, 3) int64 voxel corner and side lengths of block j. ``offsets``: (N + 1,)
+    int64; block j owns entries ``offsets[j]:offsets[j + 1]`` (its voxels in C order) of ``perms`` (its uniform
+    random permutation: new voxel k of the block = old voxel ``perms[k]``), ``dst`` and ``src`` (the same as
+    flat indices into the (D * H * W) patch). ``round_offsets``: entry bounds of consecutive runs of blocks
+    of which no two overlap, so a whole run can be applied at once.
+    """
+
+    starts_zyx: np.ndarray
+    sizes_zyx: np.ndarray
+    offsets: np.ndarray
+    perms: np.ndarray
+    dst: np.ndarray
+    src: np.ndarray
+    round_offsets: np.ndarray
+
+
+def default_shuffle_blocks(shape_zyx) -> int:
+    """Models Genesis' 10,000 blocks per 64 x 64 x 32 voxels, scaled to the patch volume (at least 1)."""
+    return max(1, round(10_000 * int(np.prod(shape_zyx)) / _GENESIS_PATCH_VOXELS))
+
+
+def shuffle_block_bounds(shape_zyx) -> np.ndarray:
+    """(3,) int64 largest block side per axis: ``max(2, n // 10)`` voxels, at most the patch side ``n``."""
+    shape = np.asarray(shape_zyx, dtype=np.int64)
+    return np.minimum(np.maximum(shape // 10, 2), shape)
+
+
+def _block_rounds(starts: np.ndarray, sizes: np.ndarray, max_run: int) -> np.ndarray:
+    """Block indices (R + 1,) that cut the sequence into runs of at most ``max_run`` consecutive blocks in
+    which no two overlap: block j starts a new run when it overlaps a block of the current run."""
+    n = len(starts)
+    lo, hi = starts.astype(np.int32), (starts + sizes).astype(np.int32)
+    window = min(max_run, n - 1)
+    nearest = np.full(n, window + 1, dtype=np.int64)  # distance back to the nearest overlapping block
+    for d in range(window, 0, -1):
+        overlap = ((lo[d:] < hi[:-d]) & (lo[:-d] < hi[d:])).all(axis=1)
+        nearest[d:][overlap] = d
+    bounds, run_start = [0], 0
+    for j, previous in enumerate((np.arange(n) - nearest).tolist()):
+        if previous >= run_start or j - run_start >= max_run:
+            bounds.append(j)
+            run_start = j
+    bounds.append(n)
+    return np.asarray(bounds, dtype=np.int64)
+
+
+def plan_local_shuffle(shape_zyx, rng: np.random.Generator, n_blocks: int | None = None,
+                       max_run: int = 48) -> ShufflePlan:
+    """Draw ``n_blocks`` (default ``default_shuffle_blocks``) blocks as Models Genesis does: each side uniform
+    in [1, ``shuffle_block_bounds``] voxels, the block uniform inside the patch, its voxels permuted uniformly.
+    All draws are vectorized (blocks of one size share one ``Generator.permuted`` call)."""
+    shape = np.asarray(shape_zyx, dtype=np.int64)
+    n = default_shuffle_blocks(shape) if n_blocks is None else int(n_blocks)
+    if n < 1:
+        raise ValueError(f"n_blocks must be >= 1, got {n_blocks}")
+    high = shuffle_block_bounds(shape)
+    sizes = rng.integers(1, high + 1, size=(n, 3))
+    starts = rng.integers(0, shape - sizes + 1)
+    volumes = sizes.prod(axis=1)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(volumes, out=offsets[1:])
+    strides = np.array([shape[1] * shape[2], shape[2], 1])
+    size_class = np.ravel_multi_index(tuple((sizes - 1).T), tuple(high))
+    # per block size: its voxels' flat offsets in C order (a table), and one permutation per block
+    perms = np.empty(offsets[-1], dtype=np.int64)
+    table, table_start, used = [], np.zeros(int(np.prod(high)), dtype=np.int64), 0
+    order = np.argsort(size_class, kind="stable")
+    for rows in np.split(order, np.flatnonzero(np.diff(size_class[order])) + 1):
+        m = int(volumes[rows[0]])
+        table.append(np.indices(sizes[rows[0]]).reshape(3, -1).T @ strides)
+        table_start[size_class[rows[0]]], used = used, used + m
+        perms[offsets[rows][:, None] + np.arange(m)] = rng.permuted(
+            np.broadcast_to(np.arange(m), (len(rows), m)), axis=1)
+    table = np.concatenate(table)
+    corner = np.repeat(starts @ strides, volumes)
+    first = np.repeat(table_start[size_class], volumes)
+    local = np.arange(offsets[-1]) - np.repeat(offsets[:-1], volumes)
+    dst, src = corner + table[first + local], corner + table[first + perms]
+    rounds = _block_rounds(starts, sizes, max_run)
+    return ShufflePlan(starts, sizes, offsets, perms, dst, src, offsets[rounds])
+
+
+def apply_local_shuffle(x01: np.ndarray, plan: ShufflePlan) -> np.ndarray:
+    """Apply the plan's blocks in order to a copy of ``x01`` (..., D, H, W): one gather/scatter per run of
+    non-overlapping blocks, which equals shuffling the blocks one after the other (leading axes share it)."""
+    out = x01.reshape(*x01.shape[:-3], -1).copy()
+    bounds = plan.round_offsets
+    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        out[..., plan.dst[lo:hi]] = out[..., plan.src[lo:hi]]
+    return out.reshape(x01.shape)
+
+
 def local_pixel_shuffling(x01: np.ndarray, rng: np.random.Generator, n_blocks: int | None = None) -> np.ndarray:
     """Shuffle voxels inside many small random blocks (sides 1 to max(2, 1/10 of the patch)); blocks are shuffled
-    one after the other in place, so the patch's multiset of values is kept. ``n_blocks`` default: 10,000 per 64x64x32
-    voxels (Models Genesis), scaled to the patch volume."""
+    one after the other, so the patch's multiset of values is kept. ``n_blocks`` default: 10,000 per 64x64x32
+    voxels (Models Genesis), scaled to the patch volume. Vectorized (``plan_local_shuffle`` +
+    ``apply_local_shuffle``): the same distribution as Models Genesis' loop at a fraction of its time."""
     _check_patch(x01)
-    shape = x01.shape[-3:]
-    if n_blocks is None:
-        n_blocks = max(1, round(10_000 * int(np.prod(shape)) / _GENESIS_PATCH_VOXELS))
-    out = x01.copy()
-    lead = x01.shape[:-3]
-    for _ in range(n_blocks):
-        box = _random_box(rng, shape, 0.0, 0.1, min_high=2)
-        block = out[box]
-        flat = block.reshape(*lead, -1)
-        out[box] = flat[..., rng.permutation(flat.shape[-1])].reshape(block.shape)
-    return out
+    return apply_local_shuffle(x01, plan_local_shuffle(x01.shape[-3:], rng, n_blocks))
 
 
 def in_painting(x01: np.ndarray, rng: np.random.Generator, max_boxes: int = 5) -> np.ndarray:

@@ -13,6 +13,13 @@ pairs cut by the real crop code from a synthetic volume (guide), at the shapes o
   on one fixed batch (the loss must fall: the step learns).
 - ``guide_steps_per_s``, ``guide_peak_gib``, ``guide_loss_first`` / ``guide_loss_last``: the guide step.
 - ``compile_steps_per_s``, ``compile_s`` (unless ``--quick``): ``torch.compile`` of the pretraining model.
+- Efficiency (``pipeline.benchmarks.efficiency``): ``{pretrain,guide}_tflop_per_step`` (model FLOPs of one
+  training step, forward + backward, counted by ``FlopCounterMode``), ``{pretrain,guide,compile}_achieved_tflops``
+  and ``_mfu`` (achieved / the card's dense bf16 peak; ``_mfu_note`` instead for a card not in the table),
+  ``{pretrain,guide}_largest_batch`` (doubling until out of memory, bf16), ``guide_crop_pairs_per_s_per_core``
+  (crop pairs one CPU core cuts from a memory map) and ``guide_cores_to_feed`` (cores a GPU worker needs so
+  that its crops keep up with the step).
+``device="cpu"`` runs the same code on the tiny presets (gloo, no compile, batch search up to 4): a smoke run.
 Progress lines start with ``#``.
 """
 
@@ -25,6 +32,8 @@ import time
 import numpy as np
 import torch
 
+from pipeline.benchmarks.efficiency import (count_flops, crop_pairs_per_s, largest_batch, mfu_figures,
+                                            synthetic_volume)
 from pipeline.config import GuideConfig, PretrainConfig, load_config
 
 GIB = 2 ** 30
@@ -174,35 +183,29 @@ def compile_figures(cfg: PretrainConfig, steps: int, device: torch.device) -> di
     return {"compile_s": compile_s, "compile_steps_per_s": rate}
 
 
-def _synthetic_volume(rng: np.random.Generator, shape=(160, 256, 256)) -> tuple[np.ndarray, np.ndarray]:
-    """int16 HU: an elliptic water body with blobs of other densities in air, and its mask."""
-    z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
-    body = ((y - shape[1] / 2) / (0.35 * shape[1])) ** 2 + ((x - shape[2] / 2) / (0.42 * shape[2])) ** 2 < 1
-    body = np.broadcast_to(body, shape)
-    hu = np.where(body, 40.0, -1000.0)
-    for _ in range(12):
-        c = rng.uniform(0.2, 0.8, 3) * shape
-        r = rng.uniform(8, 30)
-        blob = ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) < r ** 2
-        hu = np.where(blob & body, rng.uniform(-900, 800), hu)
-    return hu.astype(np.int16), body.astype(np.uint8)
-
-
-def guide_figures(cfg: GuideConfig, steps: int, fit_steps: int, device: torch.device,
-                  dtype=torch.bfloat16) -> dict[str, float]:
+def _guide_batches(cfg: GuideConfig, device: torch.device, n: int = 4) -> list[dict]:
+    """``n`` collated batches of crop pairs cut by the real crop code from a synthetic volume."""
     from pipeline.guide.crops import sample_crop_pair
-    from pipeline.guide.model import build_guide
-    from pipeline.guide.train import collate_pairs, guide_param_groups, guide_train_step
+    from pipeline.guide.train import collate_pairs
 
     rng = np.random.default_rng(0)
-    volume, mask = _synthetic_volume(rng)
+    volume, mask = synthetic_volume(rng)
     batches = []
-    for _ in range(4):
+    for _ in range(n):
         pairs = [sample_crop_pair(volume, (2.0, 1.5, 1.5), cfg.crop_size_zyx, rng, mask_zyx=mask,
                                   scan_end_probability=cfg.scan_end_probability)
                  for _ in range(cfg.optim.batch_size)]
         batch = collate_pairs(pairs)
         batches.append({k: v.to(device) if k == "image" else v for k, v in batch.items()})
+    return batches
+
+
+def guide_figures(cfg: GuideConfig, steps: int, fit_steps: int, device: torch.device,
+                  dtype=torch.bfloat16) -> dict[str, float]:
+    from pipeline.guide.model import build_guide
+    from pipeline.guide.train import guide_param_groups, guide_train_step
+
+    batches = _guide_batches(cfg, device)
     torch.manual_seed(0)
     model = build_guide(cfg.model).to(device)
     opt = torch.optim.AdamW(guide_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
@@ -226,8 +229,93 @@ def guide_figures(cfg: GuideConfig, steps: int, fit_steps: int, device: torch.de
     return out
 
 
+def _release(device: torch.device) -> None:
+    """Free what a finished (or out-of-memory) trial left behind."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _with_batch(cfg, batch_size: int):
+    return cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"batch_size": batch_size})})
+
+
+def pretrain_efficiency(cfg: PretrainConfig, device: torch.device, batch_limit: int) -> dict:
+    """Model FLOPs of one pretraining step (forward + backward at the preset's batch; counted on the meta
+    device) and the largest batch whose bf16 training steps fit in memory."""
+    from pipeline.diffusion.schedules import DiffusionSchedule
+    from pipeline.train.step import build_model, compute_loss, train_step
+
+    meta = torch.device("meta")  # shapes only: the count costs no compute
+    model, batch = build_model(cfg.model).to(meta), _pretrain_batch(cfg, meta)
+    flops = count_flops(lambda: compute_loss(model, batch, cfg, DiffusionSchedule.from_config(cfg.diffusion).to(meta))
+                        .backward())
+    schedule = DiffusionSchedule.from_config(cfg.diffusion).to(device)
+
+    def fits(batch_size: int) -> bool:
+        trial = _with_batch(cfg, batch_size)
+        net = build_model(trial.model).to(device).to(memory_format=torch.channels_last_3d)
+        opt, data = torch.optim.AdamW(net.parameters(), lr=trial.optim.lr), _pretrain_batch(trial, device)
+        for i in range(2):
+            train_step(net, opt, data, trial, schedule, trial.optim.warmup_steps + i, torch.bfloat16)
+        _sync(device)
+        return True
+
+    biggest = largest_batch(fits, limit=batch_limit)
+    _release(device)
+    _log(f"pretrain: {flops / 1e12:.3f} TFLOP per step, largest batch {biggest} (limit {batch_limit})")
+    return {"pretrain_tflop_per_step": flops / 1e12, "pretrain_largest_batch": biggest}
+
+
+def guide_efficiency(cfg: GuideConfig, device: torch.device, batch_limit: int, crop_seconds: float) -> dict:
+    """Model FLOPs of one guide step, the largest batch of pairs that fits (bf16), the CPU crop rate."""
+    from pipeline.guide.model import build_guide
+    from pipeline.guide.train import guide_loss, guide_param_groups, guide_train_step
+
+    batch = _guide_batches(cfg, device, n=1)[0]
+    torch.manual_seed(0)
+    model = build_guide(cfg.model).to(device)
+    flops = count_flops(lambda: guide_loss(model, batch, cfg.n_points, np.random.default_rng(0),
+                                           cfg.consistency_weight, cfg.body_fraction, cfg.frame)[0].backward())
+    del model
+    _release(device)
+
+    def fits(pairs: int) -> bool:
+        reps = -(-pairs // cfg.optim.batch_size)
+        data = {k: torch.cat([v] * reps)[:pairs] for k, v in batch.items()}
+        net = build_guide(cfg.model).to(device)
+        opt = torch.optim.AdamW(guide_param_groups(net, cfg.optim.weight_decay), lr=cfg.optim.lr)
+        for i in range(2):
+            guide_train_step(net, opt, data, cfg.n_points, np.random.default_rng(i), cfg.optim.grad_clip,
+                             cfg.consistency_weight, cfg.body_fraction, cfg.frame, torch.bfloat16)
+        _sync(device)
+        return True
+
+    biggest = largest_batch(fits, limit=batch_limit)
+    _release(device)
+    crops = crop_pairs_per_s(cfg.crop_size_zyx, cfg.optim.batch_size, seconds=crop_seconds)
+    _log(f"guide: {flops / 1e12:.3f} TFLOP per step, largest batch {biggest} pairs, CPU crops {crops:.1f} pairs/s")
+    return {"guide_tflop_per_step": flops / 1e12, "guide_largest_batch": biggest,
+            "guide_crop_pairs_per_s_per_core": crops}
+
+
+def efficiency_summary(out: dict, device_name: str) -> dict:
+    """MFU figures from the measured step rates and counted FLOPs; samples/s; cores a worker needs for crops."""
+    extra: dict = {}
+    for prefix, rate_key, flop_key in (("pretrain", "pretrain_bf16_steps_per_s", "pretrain_tflop_per_step"),
+                                       ("compile", "compile_steps_per_s", "pretrain_tflop_per_step"),
+                                       ("guide", "guide_steps_per_s", "guide_tflop_per_step")):
+        if rate_key in out and flop_key in out:
+            extra.update(mfu_figures(prefix, int(out[flop_key] * 1e12), out[rate_key], device_name))
+    if "guide_pairs_per_s" in out and "guide_crop_pairs_per_s_per_core" in out:
+        extra["guide_cores_to_feed"] = out["guide_pairs_per_s"] / out["guide_crop_pairs_per_s_per_core"]
+    return extra
+
+
 def figures(device: torch.device, pretrain: PretrainConfig, guide: GuideConfig, steps: int, fit_steps: int,
-            with_compile: bool) -> dict:
+            with_compile: bool, batch_limit: int = 256, crop_seconds: float = 5.0) -> dict:
     """The figures for given presets on ``device`` (CPU: gloo and fp32 only where bf16 autocast is not
     meaningful; what tests use to keep this path alive without a GPU)."""
     _process_group(device)
@@ -237,7 +325,9 @@ def figures(device: torch.device, pretrain: PretrainConfig, guide: GuideConfig, 
            "guide_crop_zyx": list(guide.crop_size_zyx)}
     try:
         out.update(pretrain_figures(pretrain, steps, fit_steps, device))
+        out.update(pretrain_efficiency(pretrain, device, batch_limit))
         out.update(guide_figures(guide, steps, fit_steps, device))
+        out.update(guide_efficiency(guide, device, batch_limit, crop_seconds))
         if with_compile:
             try:
                 out.update(compile_figures(pretrain, steps, device))
@@ -247,14 +337,24 @@ def figures(device: torch.device, pretrain: PretrainConfig, guide: GuideConfig, 
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    return out
+    return out | efficiency_summary(out, out["device"])
 
 
-def run(workdir=None, quick: bool = False) -> dict:
-    """All figures of the module docstring, for ``pretrain-gpu`` and ``guide-gpu`` on the CUDA device."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("anatdiff benchmark gpu needs a CUDA device (torch.cuda.is_available() is False)")
+def run(workdir=None, quick: bool = False, device: str = "cuda") -> dict:
+    """All figures of the module docstring: ``pretrain-gpu`` and ``guide-gpu`` on the CUDA device, or
+    (``device="cpu"``) a smoke run of the same code on ``pretrain-tiny`` and ``guide-tiny``."""
+    from pipeline.config import UserError
+
     steps, fit_steps = (10, 30) if quick else (30, 150)
+    if device == "cpu":
+        pretrain = load_config(PretrainConfig, "pretrain-tiny", overrides={"data": "unused"})
+        guide = load_config(GuideConfig, "guide-tiny", overrides={"data": "unused"})
+        return figures(torch.device("cpu"), pretrain, guide, min(steps, 5), min(fit_steps, 20), with_compile=False,
+                       batch_limit=4, crop_seconds=2.0)
+    if not torch.cuda.is_available():
+        raise UserError("anatdiff benchmark gpu needs a CUDA device (torch.cuda.is_available() is False); "
+                        "--device cpu runs the same code on the tiny presets")
     pretrain = load_config(PretrainConfig, "pretrain-gpu", overrides={"data": "unused"})
     guide = load_config(GuideConfig, "guide-gpu", overrides={"data": "unused"})
-    return figures(torch.device("cuda"), pretrain, guide, steps, fit_steps, with_compile=not quick)
+    return figures(torch.device("cuda"), pretrain, guide, steps, fit_steps, with_compile=not quick,
+                   crop_seconds=2.0 if quick else 5.0)

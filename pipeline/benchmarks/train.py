@@ -2,7 +2,9 @@
 
 Figures (last line JSON): ``ray_train_overhead`` = plain steps/s over Ray steps/s, minus one (1 worker, 1
 CPU thread each, steady state: the first log window is dropped); ``data_wait_fraction`` = share of step time
-rank 0 spends waiting for its patches with 2 workers. Ray start-up time is reported separately.
+rank 0 spends waiting for its patches (and the objective's inputs: the Models Genesis corruption for
+``restorative``, the second view for ``contrastive``) with 2 workers. Ray start-up time is reported separately.
+``objective`` picks the pretraining objective (default ``diffusion``).
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ def plain_steps_per_s(cfg: PretrainConfig, data: Path, steps: int, warmup: int =
     """The same step, model and patch stream in one process with one thread (what one Ray worker gets)."""
     from pipeline.data.patches import PatchStream, load_volume_refs
     from pipeline.diffusion.schedules import DiffusionSchedule
-    from pipeline.train.step import batch_to_tensors, build_model, ema_update, make_ema, train_step
+    from pipeline.train.step import (add_objective_inputs, batch_to_tensors, build_training_model, ema_update,
+                                     make_ema, train_step)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        model = build_model(cfg.model)
+        model = build_training_model(cfg)
         ema = make_ema(model)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
         schedule = DiffusionSchedule.from_config(cfg.diffusion)
@@ -49,7 +52,8 @@ def plain_steps_per_s(cfg: PretrainConfig, data: Path, steps: int, warmup: int =
         for step in range(warmup + steps):
             if step == warmup:
                 t0 = time.perf_counter()
-            batch = batch_to_tensors(stream.batch(step, cfg.optim.batch_size), torch.device("cpu"))
+            batch = batch_to_tensors(add_objective_inputs(stream.batch(step, cfg.optim.batch_size), cfg, 0, step,
+                                                          stream.refs), torch.device("cpu"))
             train_step(model, opt, batch, cfg, schedule, step)
             ema_update(ema, model, cfg.optim.ema_decay)
         return steps / (time.perf_counter() - t0)
@@ -70,7 +74,7 @@ def _ray_figures(cfg: PretrainConfig) -> dict[str, float]:
             "data_wait_fraction": float(np.mean(steady["data_wait_fraction"])), "wall_s": wall}
 
 
-def run(workdir: str | None = None, quick: bool = False) -> dict:
+def run(workdir: str | None = None, quick: bool = False, objective: str = "diffusion") -> dict:
     from pipeline.distributed.patch_dataset import local_ray
 
     steps = 30 if quick else 80
@@ -80,6 +84,7 @@ def run(workdir: str | None = None, quick: bool = False) -> dict:
         uri = f"sqlite:///{work / 'mlflow.db'}"
         base = load_config(PretrainConfig, "pretrain-tiny", {
             "data": str(data), "storage_path": str(work / "runs"), "registered_model": None, "sample_every": 0,
+            "objective": objective,
             "optim": {"steps": steps + 10, "warmup_steps": 5}, "log_every": 10, "checkpoint_every": 10_000,
             "tracking": {"tracking_uri": uri}})
         plain = plain_steps_per_s(base, data, steps)
@@ -104,4 +109,5 @@ def run(workdir: str | None = None, quick: bool = False) -> dict:
         "batch_size": base.optim.batch_size,
         "patch_size_zyx": list(base.patches.patch_size_zyx),
         "device": "cpu",
+        "objective": objective,
     }

@@ -201,7 +201,8 @@ class PatchStream:
     """Deterministic batches of random patches for one worker of ``world_size``.
 
     ``batch(step)`` depends only on (seed, rank, step); volumes are drawn uniformly, or balanced over
-    ``scanner_key`` when ``balance_scanners``.
+    ``scanner_key`` when ``balance_scanners``. Besides ``sample_patch``'s arrays a batch holds
+    ``volume_index`` (B,) int64: the index in ``refs`` each patch was cut from.
     """
 
     def __init__(self, refs: list[VolumeRef], patch_size_zyx, window_hu, seed: int = 0, rank: int = 0,
@@ -222,4 +223,4 @@ class PatchStream:
         picks = rng.choice(len(self.refs), size=batch_size, p=self.p)
         patches = [sample_patch(self.refs[i], self.size, self.window, rng, self.foreground_prob, self.jitter)
                    for i in picks]
-        return {k: np.stack([p[k] for p in patches]) for k in patches[0]}
+        return {k: np.stack([p[k] for p in patches]) for k in patches[0]} | {"volume_index": picks.astype(np.int64)}

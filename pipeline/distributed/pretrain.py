@@ -20,15 +20,14 @@ from pipeline.diffusion.schedules import DiffusionSchedule
 from pipeline.distributed import trainer
 from pipeline.distributed.coords import ensure_coord_maps, resolve_guide
 from pipeline.train.checkpoint import MODEL_FILE, load_state, save_model, save_state, unwrap
-from pipeline.train.step import (add_objective_inputs, batch_to_tensors, build_model, ema_decay_at, ema_update,
-                                 make_ema,
-                                 train_step)
+from pipeline.train.step import (add_objective_inputs, batch_to_tensors, build_model, build_training_model,
+                                 ema_decay_at, ema_update, make_ema, train_step)
 
 
 def _worker_setup(cfg: PretrainConfig):
     rank, world, device = trainer.worker_context()
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model).to(device)
+    model = build_training_model(cfg).to(device)
     ema = make_ema(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
 
@@ -51,7 +50,7 @@ def _worker_setup(cfg: PretrainConfig):
 def _micro_batches(stream: PatchStream, cfg: PretrainConfig, rank: int, step: int, device) -> list[dict]:
     k = cfg.optim.grad_accum_steps
     return [batch_to_tensors(add_objective_inputs(stream.batch(step * k + i, cfg.optim.batch_size), cfg, rank,
-                                                  step * k + i), device) for i in range(k)]
+                                                  step * k + i, stream.refs), device) for i in range(k)]
 
 
 def _log_preview(ema, batch: dict, cfg: PretrainConfig, schedule, uri: str, run_id: str, step: int) -> None:

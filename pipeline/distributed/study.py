@@ -1,9 +1,10 @@
-"""The phantom study: four pretraining variants on one corpus and budget, every protocol, one comparison.
+"""The phantom study: five pretraining variants on one corpus and budget, every protocol, one comparison.
 
 Variants (``StudyConfig.variants``): ``random_init`` (``objective: none``), ``restorative`` (Models Genesis),
-``unguided`` (diffusion, ``guidance: none``) and ``guided`` (diffusion with the learned coordinate guide,
-trained first by ``run_guide``; ``guided_guidance: bodybox`` skips the guide). All share the pretrain preset
-(same steps, batch, patches, model), the same unlabelled corpus and the same labelled evaluation folds.
+``contrastive`` (vox2vec), ``unguided`` (diffusion, ``guidance: none``) and ``guided`` (diffusion with the
+learned coordinate guide, trained first by ``run_guide``; ``guided_guidance: bodybox`` skips the guide). All
+share the pretrain preset (same steps, batch, patches, model), the same unlabelled corpus and the same labelled
+evaluation folds.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pipeline.config import (CompareConfig, EvaluateConfig, GuideConfig, Preproc
 
 #: variant -> pretrain overrides (the guided one gets its guidance from the config)
 VARIANT_OVERRIDES = {"random_init": {"objective": "none"}, "restorative": {"objective": "restorative"},
+                     "contrastive": {"objective": "contrastive"},
                      "unguided": {"objective": "diffusion", "model": {"guidance": "none"}},
                      "guided": {"objective": "diffusion"}}
 

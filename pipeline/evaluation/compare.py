@@ -44,6 +44,8 @@ def variant_label(objective: str, guidance: str) -> str:
         return "random init"
     if objective == "restorative":
         return "restorative"
+    if objective == "contrastive":
+        return "contrastive (vox2vec)"
     if objective == "diffusion":
         return {"none": "diffusion (unguided)", "bodybox": "diffusion (body-box guide)",
                 "learned": "diffusion (learned guide)"}.get(guidance, f"diffusion ({guidance})")

@@ -10,7 +10,7 @@ from the memory-mapped volume.
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import map_coordinates
+import torch
 
 from pipeline.data.patches import PAD_HU, cut_patch, scale_hu
 from pipeline.guide.model import GUIDE_WINDOW_HU
@@ -52,30 +52,59 @@ def _pair_origins_mm(shape_zyx, spacing_zyx_mm, crop_spacing_mm, size, rng, cent
     return centres - extents / 2
 
 
+def _interpolate_axis(region: np.ndarray, axis: int, index: np.ndarray, order: int) -> np.ndarray:
+    """``region`` read at continuous indices ``index`` (1-D) along ``axis``, clamped to its edges (scipy's
+    ``mode="nearest"``): order 1 linear in float32, order 0 the nearest voxel (``floor(index + 0.5)``)."""
+    last = region.shape[axis] - 1
+    if order == 0:
+        return np.take(region, np.clip(np.floor(index + 0.5), 0, last).astype(np.intp), axis=axis)
+    i0 = np.clip(np.floor(index), 0, last).astype(np.intp)
+    w = np.clip(index - i0, 0.0, 1.0).astype(np.float32)
+    w = w.reshape([-1 if a == axis else 1 for a in range(region.ndim)])
+    low, high = np.take(region, i0, axis=axis), np.take(region, np.minimum(i0 + 1, last), axis=axis)
+    return low + (high - low) * w
+
+
 def resample_crop(volume_zyx: np.ndarray, spacing_zyx_mm, origin_zyx_mm, crop_spacing_zyx_mm,
                   crop_size_zyx, fill: float, order: int = 1) -> np.ndarray:
     """Resample the crop grid ``origin + m * crop_spacing`` (mm, volume frame) from ``volume_zyx``.
 
-    Reads only the covered region (``cut_patch``, padding with ``fill`` outside the volume).
+    Reads only the covered region (``cut_patch``, padding with ``fill`` outside the volume). The grid is
+    axis-aligned, so trilinear interpolation is three 1-D passes (z, then y, then x; the same values as
+    ``scipy.ndimage.map_coordinates`` order 1, in float32) and nearest neighbour one indexed read per axis.
     order 1: trilinear (images), 0: nearest (masks). Returns float32 (D, H, W) = ``crop_size_zyx``.
     """
+    if order not in (0, 1):
+        raise ValueError(f"order must be 0 (nearest) or 1 (trilinear), got {order}")
     axes = [(origin_zyx_mm[a] + np.arange(n) * crop_spacing_zyx_mm[a]) / spacing_zyx_mm[a]
             for a, n in enumerate(crop_size_zyx)]                       # continuous volume indices per axis
     lo = np.array([int(np.floor(ax[0])) for ax in axes])
     hi = np.array([int(np.floor(ax[-1])) + 2 for ax in axes])
-    region = cut_patch(volume_zyx, lo, tuple(hi - lo), fill).astype(np.float32)
-    grid = np.meshgrid(*[ax - l for ax, l in zip(axes, lo)], indexing="ij")
-    return map_coordinates(region, grid, order=order, mode="nearest").astype(np.float32)
+    out = cut_patch(volume_zyx, lo, tuple(hi - lo), fill)
+    out = out if order == 0 else out.astype(np.float32)
+    for axis, (ax, start) in enumerate(zip(axes, lo)):
+        out = _interpolate_axis(out, axis, ax - start, order)
+    return out.astype(np.float32, copy=False)
 
 
 def augment_intensity(image01: np.ndarray, rng: np.random.Generator, gamma_range=(0.7, 1.5),
                       contrast_range=(0.75, 1.25), noise_std_max: float = 0.05) -> np.ndarray:
-    """Random gamma, contrast (around the mean) and Gaussian noise on a [0, 1] float image; clipped to [0, 1]."""
-    out = image01 ** rng.uniform(*gamma_range)
-    mean = out.mean()
-    out = (out - mean) * rng.uniform(*contrast_range) + mean
-    out = out + rng.normal(0.0, rng.uniform(0.0, noise_std_max), out.shape)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    """Random gamma, contrast (around the mean) and Gaussian noise on a [0, 1] float image; clipped to [0, 1].
+
+    float32 throughout; the noise comes from torch's vectorized normal sampler, seeded from ``rng`` (3x faster
+    than numpy's for a 64 x 96 x 96 crop), so the result is still a function of ``rng``.
+    """
+    gamma, contrast = rng.uniform(*gamma_range), rng.uniform(*contrast_range)
+    std, seed = rng.uniform(0.0, noise_std_max), int(rng.integers(2 ** 63))
+    out = np.power(np.asarray(image01, dtype=np.float32), np.float32(gamma))
+    mean = np.float32(out.mean(dtype=np.float64))
+    out -= mean
+    out *= np.float32(contrast)
+    out += mean
+    noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).numpy()
+    noise *= np.float32(std)
+    out += noise
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def mask_blocks(image01: np.ndarray, rng: np.random.Generator, max_blocks: int = 4,

@@ -48,7 +48,9 @@ def load_state(directory: Path, map_location="cpu") -> dict[str, Any]:
 
 
 def save_model(path: Path, model: nn.Module, cfg: PretrainConfig, step: int) -> None:
-    torch.save({"format": "anatdiff.model/1", "state_dict": unwrap(model).state_dict(),
+    """The backbone's weights (a training wrapper's ``backbone``: heads used only in training stay out)."""
+    module = unwrap(model)
+    torch.save({"format": "anatdiff.model/1", "state_dict": getattr(module, "backbone", module).state_dict(),
                 "config": cfg.model_dump(mode="json"), "step": step}, path)
 
 

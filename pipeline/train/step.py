@@ -1,7 +1,8 @@
 """The pretraining step as a pure function of (model, batch, schedule): testable without Ray.
 
 Objectives: ``diffusion`` (DDPM denoising, the method), ``restorative`` (Models Genesis: reconstruct the
-original from a corrupted patch) and ``none`` (random init: no training at all).
+original from a corrupted patch), ``contrastive`` (vox2vec: voxel InfoNCE between two overlapping crops, through
+a training-only projection head) and ``none`` (random init: no training at all).
 """
 
 from __future__ import annotations
@@ -32,6 +33,17 @@ def cond_channels(model_cfg: ModelConfig) -> int:
 def build_model(model_cfg: ModelConfig) -> nn.Module:
     """The denoiser / backbone of a pretraining run: 1 image channel in, 1 channel out."""
     return build_denoiser(model_cfg, in_channels=1, out_channels=1, cond_channels=cond_channels(model_cfg))
+
+
+def build_training_model(cfg: PretrainConfig) -> nn.Module:
+    """What the optimizer trains: the backbone, wrapped with its projection head for ``contrastive`` (the
+    wrapper's ``backbone`` is what ``save_model`` exports)."""
+    model = build_model(cfg.model)
+    if cfg.objective == "contrastive":
+        from pipeline.baselines.contrastive import ContrastiveModel
+
+        return ContrastiveModel(model, cfg.contrastive.proj_dim)
+    return model
 
 
 def guidance_cond(model_cfg: ModelConfig, coords: torch.Tensor | None) -> torch.Tensor | None:
@@ -86,8 +98,9 @@ class StepResult:
 
 
 def add_objective_inputs(batch: dict[str, np.ndarray], cfg: PretrainConfig, rank: int,
-                         step: int) -> dict[str, np.ndarray]:
-    """Inputs the objective needs beyond the patch: the Models Genesis corruption for ``restorative``.
+                         step: int, refs: list | None = None) -> dict[str, np.ndarray]:
+    """Inputs the objective needs beyond the patch: the Models Genesis corruption for ``restorative``; for
+    ``contrastive`` a second, overlapping view of each patch's volume (``refs``: the stream's VolumeRefs).
 
     Seeded by (seed, rank, step) like the patch stream, so a resumed run sees the same corruptions.
     """
@@ -96,6 +109,14 @@ def add_objective_inputs(batch: dict[str, np.ndarray], cfg: PretrainConfig, rank
 
         rng = np.random.default_rng([cfg.seed, rank, step, 1])
         batch = dict(batch, corrupted=genesis_corrupt_batch(batch["image"], rng).astype(np.float32))
+    if cfg.objective == "contrastive":
+        from pipeline.baselines.contrastive import add_view_pairs
+
+        if refs is None:
+            raise ValueError("objective 'contrastive' needs the volumes (refs) to cut a second view from")
+        c = cfg.contrastive
+        batch = add_view_pairs(batch, refs, cfg.patches.window_hu, c.voxels_per_view, c.max_shift_fraction,
+                               np.random.default_rng([cfg.seed, rank, step, 2]))
     return batch
 
 
@@ -118,6 +139,12 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Pretrain
         corrupted = to_model_range(batch["corrupted"])
         t = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
         return torch.nn.functional.mse_loss(model(corrupted, t, cond), x0)
+    if cfg.objective == "contrastive":
+        from pipeline.baselines.contrastive import contrastive_loss
+
+        return contrastive_loss(model, x0, to_model_range(batch["image2"]), cond,
+                                guidance_cond(cfg.model, batch.get("coords2")), batch["voxels"],
+                                cfg.contrastive.temperature)
     raise ValueError(f"objective '{cfg.objective}' has no loss")
 
 
