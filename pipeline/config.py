@@ -292,6 +292,9 @@ class EvaluateConfig(StrictModel):
     feature_timesteps: tuple[int, ...] = Field((50,), description="diffusion timesteps features are taken at")
     split: Literal["holdout", "kfold"] = Field(
         "holdout", description="holdout: one patient-level split (test_fraction); kfold: cross-validation")
+    test_data: str | None = Field(
+        None, description="another preprocessed labelled folder to test on (cross-dataset): every case of "
+                          "'data' trains (less val_cases), every case of test_data is tested; split is ignored")
     folds: int = Field(5, ge=2, description="kfold: number of folds (KFold over patients, shuffled)")
     fold_seed: int = Field(42, description="kfold: KFold random_state (42 as vox2vec)")
     val_cases: int = Field(1, ge=0, description="validation patients per fold (taken from the non-test)")
@@ -443,17 +446,24 @@ class DemoConfig(StrictModel):
     workdir: str = Field("anatdiff-demo", description="where the corpus, volumes and checkpoints go")
     n_unlabeled: int = Field(48, ge=2, description="phantoms in the unlabelled corpus (guide and pretraining)")
     n_labeled: int = Field(9, ge=3, description="labelled phantoms for the downstream evaluation")
+    n_probe: int = Field(3, ge=0, description="extra labelled phantoms for the online probe during pretraining "
+                                              "(never the evaluation's); 0: no probe")
     seed: int = 0
     target_spacing_zyx_mm: ZYX = Field((3.0, 3.0, 3.0), description="preprocess spacing (z, y, x) mm")
     guidance: Literal["none", "bodybox", "learned"] = Field(
         "learned", description="learned: train the coordinate guide first, then pretrain guided by it")
-    real_ct: str | None = Field("tests/data/real-ct", description="real CT for the guide's sanity check")
+    real_ct: str | None = Field("tests/data/real-ct", description="real CT: the guide's check, the segmenter's "
+                                                                 "real training case and the scans predicted")
     guide_preset: str = Field("guide-tiny", description="train-guide preset or YAML file")
     guide: dict[str, Any] = Field(default_factory=dict, description="overrides of the guide preset")
     pretrain_preset: str = Field("pretrain-tiny", description="pretrain preset or YAML file")
     evaluate_preset: str = Field("evaluate-tiny", description="evaluate preset or YAML file")
+    segmenter_preset: str | None = Field(
+        "segmenter-tiny", description="train-segmenter preset (all labelled data, registered, then predict on "
+                                      "the real scans); None: skip those stages")
     pretrain: dict[str, Any] = Field(default_factory=dict, description="overrides of the pretrain preset")
     evaluate: dict[str, Any] = Field(default_factory=dict, description="overrides of the evaluate preset")
+    segmenter: dict[str, Any] = Field(default_factory=dict, description="overrides of the segmenter preset")
     tracking: TrackingConfig = TrackingConfig()
 
 
