@@ -314,6 +314,9 @@ class EvaluateConfig(StrictModel):
     sw_overlap: float = Field(0.25, ge=0, lt=1, description="sliding-window overlap")
     hd95: bool = Field(False, description="also compute the 95th-percentile Hausdorff distance (mm) per organ")
     overlays: int = Field(2, ge=0, description="prediction overlay PNGs logged (test cases of the first fold)")
+    bank_cache: str | None = Field(
+        None, description="folder keeping frozen-feature bank rows per volume and backbone, reused across folds, "
+                          "protocols and label budgets (the study sets it); None: recomputed each time")
     compare_random_init: bool = Field(True, description="also evaluate the same protocol on random weights")
     gpus_per_task: float = Field(0.0, ge=0, description="GPUs each fold task reserves (0 on CPU machines)")
     seed: int = 0
