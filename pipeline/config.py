@@ -420,7 +420,7 @@ class PredictConfig(StrictModel):
         return self
 
 
-STUDY_VARIANTS = ("random_init", "restorative", "contrastive", "unguided", "guided")
+STUDY_VARIANTS = ("random_init", "restorative", "contrastive", "unguided", "guided_bodybox", "guided_learned")
 
 
 class StudyConfig(StrictModel):
@@ -429,12 +429,16 @@ class StudyConfig(StrictModel):
     n_labeled: int = Field(10, ge=3, description="labelled phantoms for the downstream evaluation")
     seed: int = 0
     target_spacing_zyx_mm: ZYX = Field((3.0, 3.0, 3.0), description="preprocess spacing (z, y, x) mm")
-    variants: tuple[Literal["random_init", "restorative", "contrastive", "unguided", "guided"], ...] = Field(
+    variants: tuple[Literal["random_init", "restorative", "contrastive", "unguided", "guided_bodybox",
+                            "guided_learned"], ...] = Field(
         STUDY_VARIANTS, min_length=1, description="pretraining variants, all with the same budget")
-    guided_guidance: Literal["learned", "bodybox"] = Field(
-        "learned", description="guidance of the 'guided' variant (learned: a guide is trained first)")
     protocols: tuple[Literal["nonlinear", "linear", "finetune"], ...] = Field(
         ("linear", "nonlinear", "finetune"), min_length=1, description="evaluation protocols")
+    train_cases: tuple[int | Literal["all"], ...] = Field(
+        (1, 2, "all"), min_length=1, description="training patients per fold (label-efficiency curve); 'all'")
+    ceiling: dict[str, Any] | None = Field(
+        default_factory=dict, description="the supervised ceiling: overrides of the evaluate preset's finetune "
+                                          "settings for the random-init network, all weights (None: no ceiling)")
     guide_preset: str = Field("guide-tiny", description="train-guide preset or YAML file")
     pretrain_preset: str = Field("pretrain-tiny", description="pretrain preset or YAML file (one budget)")
     evaluate_preset: str = Field("evaluate-kfold-tiny", description="evaluate preset or YAML file")
