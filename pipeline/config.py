@@ -152,7 +152,7 @@ class ProbeConfig(StrictModel):
     score_cases: int = Field(1, ge=1, description="volumes scored (the next ones by item id)")
     windows_per_volume: int = Field(8, ge=1, description="feature-bank windows per fitted volume")
     head_steps: int = Field(300, ge=1, description="linear head steps")
-    timestep: int = Field(50, ge=0, description="diffusion timestep of the features")
+    timestep: int = Field(0, ge=0, description="diffusion timestep of the features")
 
 
 class PretrainConfig(StrictModel):
@@ -289,7 +289,8 @@ class EvaluateConfig(StrictModel):
     checkpoint: str | None = Field(None, description="or a model.pt path (wins over pretrain_run_id)")
     protocol: Literal["nonlinear", "linear", "finetune"] = Field(
         "nonlinear", description="linear / nonlinear head on frozen features, or finetune (all weights train)")
-    feature_timesteps: tuple[int, ...] = Field((50,), description="diffusion timesteps features are taken at")
+    feature_timesteps: tuple[int, ...] = Field((0,), description="diffusion timesteps features are taken at "
+                                                "(0: the clean image; chosen on validation phantoms)")
     split: Literal["holdout", "kfold"] = Field(
         "holdout", description="holdout: one patient-level split (test_fraction); kfold: cross-validation")
     test_data: str | None = Field(
@@ -339,7 +340,8 @@ class SegmenterConfig(StrictModel):
     checkpoint: str | None = Field(None, description="or a model.pt path (wins over pretrain_run_id)")
     protocol: Literal["nonlinear", "linear", "finetune"] = Field(
         "nonlinear", description="head on frozen features, or finetune (all weights train)")
-    feature_timesteps: tuple[int, ...] = Field((50,), description="diffusion timesteps features are taken at")
+    feature_timesteps: tuple[int, ...] = Field((0,), description="diffusion timesteps features are taken at "
+                                                "(0: the clean image; chosen on validation phantoms)")
     head: FrozenHeadConfig = FrozenHeadConfig()
     finetune: NetworkTrainConfig = NetworkTrainConfig(backbone_lr_scale=0.1)
     loss: Literal["bce_dice", "dice_ce"] = "dice_ce"
@@ -347,12 +349,20 @@ class SegmenterConfig(StrictModel):
     patch_size_zyx: ZYXInt | None = Field(None, description="default: the pretrain patch size")
     sw_overlap: float = Field(0.25, ge=0, lt=1)
     registered_model: str | None = Field("anatdiff-segmenter", description="MLflow registered model; None: skip")
-    alias: str = Field("latest", description="registry alias pointed at the new version")
+    alias: str = Field("current", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$",
+                       description="registry alias pointed at the new version ('latest' is reserved by MLflow)")
     gpus: float = Field(0.0, ge=0, description="GPUs of the training task (0 on CPU machines)")
     cpus: float = Field(1.0, gt=0, description="CPUs of the training task (its torch threads)")
     seed: int = 0
     num_cpus: int | None = Field(None, ge=1)
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "SegmenterConfig":
+        if self.alias.lower() == "latest":
+            raise ValueError("alias 'latest' is reserved by the MLflow registry (models:/name/latest is the newest "
+                             "version already); pick another alias, e.g. 'current' or 'candidate'")
+        return self
 
     def evaluate_config(self) -> "EvaluateConfig":
         """The training settings as the ``EvaluateConfig`` the downstream functions take."""

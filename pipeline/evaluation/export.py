@@ -54,7 +54,7 @@ def load_backbone(directory, map_location="cpu"):
     m = config["model"]
     model = UNet3D(1, 1, channels=tuple(m["channels"]), blocks_per_level=m["blocks_per_level"],
                    time_embed_dim=m["time_embed_dim"], cond_channels=guidance_channels(config),
-                   cond_injection=m["guidance_injection"])
+                   cond_injection=m["guidance_injection"], stem_stride=m.get("stem_stride", 1))
     state = torch.load(_Path(directory) / "weights.pt", map_location=map_location, weights_only=True)
     model.load_state_dict(state, strict=True)
     return model.eval(), config
