@@ -124,11 +124,12 @@ def test_plain_folder_of_files_and_dicom_series(tmp_path):
     _accounted_once(tmp_path, items, skipped)
     # the worker splits the DICOM folder into its two series; the two non-DICOM files are skipped
     series, not_dicom = split_dicom_folder(by_source["dcm"])
+    series = [s for s, _ in series]
     assert [(s.source, s.series_uid, len(s.files), s.kind) for s in series] == [
         (f"dcm#{SERIES_B}", SERIES_B, 9, "dicom"), (f"dcm#{SERIES_A}", SERIES_A, 8, "dicom")]
     assert series[1].files == tuple(f"dcm/a{k:03d}.dcm" for k in range(8))
     assert dict(not_dicom).keys() == {"dcm/broken.dcm", "dcm/DICOMDIR_NOTES"}
-    assert dict(not_dicom)["dcm/broken.dcm"].startswith("not a readable DICOM image")
+    assert dict(not_dicom)["dcm/broken.dcm"] == "not an image file (no DICOM header; .dcm)"
     assert sorted([f for s in series for f in s.files] + list(dict(not_dicom))) == sorted(by_source["dcm"].files)
     assert len({i.item_id for i in items}) == len(items)
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+-[0-9a-f]{8}", i.item_id) for i in items)
