@@ -48,6 +48,9 @@ class PatchConfig(StrictModel):
 class ModelConfig(StrictModel):
     channels: tuple[int, ...] = Field((16, 32, 64), description="feature channels per UNet level")
     blocks_per_level: int = Field(1, ge=1, le=4, description="residual blocks per level")
+    stem_stride: Literal[1, 2] = Field(
+        1, description="2: strided first convolution, levels start at half resolution (CPU presets); "
+                       "1: the first level runs at full resolution")
     time_embed_dim: int = Field(64, ge=8, description="timestep embedding width")
     guidance: Literal["none", "bodybox", "learned"] = Field(
         "bodybox", description="per-voxel body coordinates fed to the denoiser")
@@ -132,6 +135,19 @@ class OptimConfig(StrictModel):
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
 
 
+class ProbeConfig(StrictModel):
+    """Online probe during pretraining (pipeline/evaluation/probe.py): a linear head on frozen features of a
+    few labelled volumes, scored by Dice on others, logged as ``probe_dice_mean``."""
+
+    data: str = Field(..., description="preprocessed labelled folder (manifest.parquet with label_path)")
+    every: int = Field(200, ge=1, description="pretraining steps between probes (and one at the end)")
+    fit_cases: int = Field(2, ge=1, description="volumes the head is fitted on (first by item id)")
+    score_cases: int = Field(1, ge=1, description="volumes scored (the next ones by item id)")
+    windows_per_volume: int = Field(8, ge=1, description="feature-bank windows per fitted volume")
+    head_steps: int = Field(300, ge=1, description="linear head steps")
+    timestep: int = Field(50, ge=0, description="diffusion timestep of the features")
+
+
 class PretrainConfig(StrictModel):
     data: str = Field(..., description="preprocessed folder (holding manifest.parquet)")
     run_name: str = Field("pretrain", description="Ray run name; rerunning the same name resumes")
@@ -150,8 +166,20 @@ class PretrainConfig(StrictModel):
     log_every: int = Field(10, ge=1, description="steps between metric logs")
     sample_every: int = Field(0, ge=0, description="steps between DDIM sample PNGs logged to MLflow (0: off)")
     compile: bool = Field(False, description="torch.compile the denoiser (GPU runs)")
+    max_seconds: float | None = Field(
+        None, gt=0, description="wall-clock limit of the training loop: stop there (all workers at the same "
+                                "step) and keep that checkpoint as the final model")
+    probe: ProbeConfig | None = Field(None, description="online probe of the features (rank 0); None: off")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance (None = all)")
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "PretrainConfig":
+        multiple = self.model.stem_stride * 2 ** (len(self.model.channels) - 1)
+        if any(s % multiple for s in self.patches.patch_size_zyx):
+            raise ValueError(f"patches.patch_size_zyx must be multiples of {multiple} (model.stem_stride x "
+                             f"2^(levels - 1)), got {self.patches.patch_size_zyx}")
+        return self
 
 
 class GuideModelConfig(StrictModel):
@@ -197,6 +225,40 @@ class GuideConfig(StrictModel):
         return self
 
 
+class FrozenHeadConfig(StrictModel):
+    """How the linear / non-linear heads train on frozen features (a voxel feature bank, see
+    pipeline/evaluation/features.py): the backbone runs once over sampled windows, then the head trains on
+    the features of sampled voxels."""
+
+    windows_per_volume: int = Field(32, ge=1, description="training windows per volume (organ-centred, "
+                                                           "class-balanced, like the training patches)")
+    voxels_per_window: int = Field(2048, ge=1, description="body voxels drawn uniformly in each window")
+    voxels_per_organ: int = Field(256, ge=0, description="extra voxels of each organ present in a window")
+    foreground_prob: float = Field(0.67, ge=0, le=1, description="share of windows centred on an organ voxel")
+    steps: int = Field(2000, ge=1, description="head optimizer steps")
+    batch_voxels: int = Field(4096, ge=1, description="feature vectors per step")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate (AdamW, warm-up then cosine)")
+    hidden: int = Field(64, ge=4, description="non-linear head width")
+    val_every: int = Field(500, ge=0, description="steps between validation Dice checks (0: at the end only)")
+
+
+class NetworkTrainConfig(StrictModel):
+    """Training of a whole network on patches: the finetune protocol, and the supervised ceiling (the same
+    architecture from random initialization)."""
+
+    steps: int = Field(2000, ge=1, description="optimizer steps")
+    batch_size: int = Field(2, ge=1, description="patches per step")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate of the head (AdamW, warm-up then cosine)")
+    backbone_lr_scale: float = Field(1.0, gt=0, le=1, description="backbone learning rate = lr x this")
+    warmup_steps: int = Field(50, ge=0)
+    foreground_prob: float = Field(0.67, ge=0, le=1, description="share of patches centred on an organ "
+                                                                 "(organ drawn uniformly among those present)")
+    head: Literal["linear", "nonlinear"] = Field("linear", description="head on the decoder's features")
+    val_every: int = Field(250, ge=0, description="steps between validation Dice checks (0: at the end only)")
+    max_seconds: float | None = Field(
+        None, gt=0, description="wall-clock limit of one training: stop there and keep the best checkpoint")
+
+
 class EvaluateConfig(StrictModel):
     data: str = Field(..., description="preprocessed labeled folder (manifest.parquet with label_path)")
     pretrain_run_id: str | None = Field(None, description="MLflow run id of the pretrain job")
@@ -208,26 +270,24 @@ class EvaluateConfig(StrictModel):
         "holdout", description="holdout: one patient-level split (test_fraction); kfold: cross-validation")
     folds: int = Field(5, ge=2, description="kfold: number of folds (KFold over patients, shuffled)")
     fold_seed: int = Field(42, description="kfold: KFold random_state (42 as vox2vec)")
-    val_cases: int = Field(1, ge=0, description="kfold: validation patients per fold (taken from the non-test)")
+    val_cases: int = Field(1, ge=0, description="validation patients per fold (taken from the non-test)")
     train_cases: int | None = Field(
         None, ge=1, description="keep only N training patients per fold (label-efficiency curves); None: all")
     test_fraction: float = Field(0.34, gt=0, lt=1, description="holdout: share of patients held out for Dice")
-    head_steps: int = Field(150, ge=1)
-    head_batch_size: int = Field(2, ge=1)
-    head_lr: float = Field(3e-3, gt=0)
-    head_hidden: int = Field(32, ge=4, description="non-linear head width")
-    finetune_lr_scale: float = Field(
-        0.1, gt=0, le=1, description="finetune: backbone learning rate = head_lr x this")
+    head: FrozenHeadConfig = Field(FrozenHeadConfig(), description="linear / nonlinear protocols")
+    finetune: NetworkTrainConfig = Field(
+        NetworkTrainConfig(backbone_lr_scale=0.1), description="finetune protocol (pretrained weights)")
+    ceiling: NetworkTrainConfig | None = Field(
+        None, description="the supervised ceiling row: the same architecture from random initialization, "
+                          "all weights trained on the training cases; None: no ceiling row")
     loss: Literal["bce_dice", "dice_ce"] = Field(
-        "bce_dice", description="bce_dice: per-organ sigmoid BCE + soft Dice (vox2vec); dice_ce: softmax CE "
-                                "over background + organs + soft Dice (nnU-Net)")
-    val_every: int = Field(
-        0, ge=0, description="steps between validation Dice checks, best head kept; 0: only at the end")
+        "dice_ce", description="dice_ce: softmax CE over background + organs + soft Dice (nnU-Net); "
+                               "bce_dice: per-organ sigmoid BCE + soft Dice (vox2vec)")
     patch_size_zyx: ZYXInt | None = Field(None, description="default: the pretrain patch size")
-    sw_overlap: float = Field(0.5, ge=0, lt=1, description="sliding-window overlap")
+    sw_overlap: float = Field(0.25, ge=0, lt=1, description="sliding-window overlap")
     hd95: bool = Field(False, description="also compute the 95th-percentile Hausdorff distance (mm) per organ")
     overlays: int = Field(2, ge=0, description="prediction overlay PNGs logged (test cases of the first fold)")
-    compare_random_init: bool = Field(True, description="also evaluate the same head on random weights")
+    compare_random_init: bool = Field(True, description="also evaluate the same protocol on random weights")
     gpus_per_task: float = Field(0.0, ge=0, description="GPUs each fold task reserves (0 on CPU machines)")
     seed: int = 0
     num_cpus: int | None = Field(None, ge=1)

@@ -76,7 +76,7 @@ def test_kfold_nonlinear_with_real_cases(setup):
 
     uri = setup["uri"]
     cfg = load_config(EvaluateConfig, "evaluate-kfold-tiny", {
-        "data": str(setup["data"]), "pretrain_run_id": setup["pretrain"], "folds": 3, "head_steps": 4,
+        "data": str(setup["data"]), "pretrain_run_id": setup["pretrain"], "folds": 3, "head": {"steps": 4, "windows_per_volume": 2},
         "compare_random_init": True, "hd95": True, "tracking": {"tracking_uri": uri}})
     res = run_evaluate(cfg)
     real = setup["real_ids"]

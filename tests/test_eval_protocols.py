@@ -139,42 +139,66 @@ def _tiny_model_file(tmp_path, objective="diffusion"):
     return path
 
 
-@pytest.mark.parametrize("protocol", ["linear", "nonlinear", "finetune"])
-def test_protocols_train_and_predict_whole_volumes(tmp_path, protocol):
+def _tiny_eval_cfg(data, **over) -> EvaluateConfig:
+    return EvaluateConfig.model_validate({
+        "data": str(data), "hd95": True,
+        "head": {"steps": 3, "windows_per_volume": 2, "voxels_per_window": 64, "batch_voxels": 32, "val_every": 2},
+        "finetune": {"steps": 3, "batch_size": 1, "val_every": 2, "backbone_lr_scale": 0.1}, **over})
+
+
+@pytest.mark.parametrize("protocol,variant", [("linear", "pretrained"), ("nonlinear", "random_init"),
+                                              ("finetune", "pretrained"), ("nonlinear", "ceiling")])
+def test_protocols_train_and_predict_whole_volumes(tmp_path, protocol, variant):
     from pipeline.data.patches import load_volume_refs
     from pipeline.evaluation.downstream import evaluate_backbone
     from pipeline.train.checkpoint import load_pretrained
 
     data = write_tiny_corpus(tmp_path / "data", n=3)
-    backbone, pcfg = load_pretrained(_tiny_model_file(tmp_path))
+    backbone, pcfg = load_pretrained(_tiny_model_file(tmp_path), random_init=variant != "pretrained")
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     refs = load_volume_refs(data, require_labels=True)
-    cfg = EvaluateConfig(data=str(data), protocol=protocol, head_steps=3, head_batch_size=1, val_every=2,
-                         hd95=True, loss="dice_ce" if protocol == "linear" else "bce_dice")
-    out = evaluate_backbone(backbone, pcfg, cfg, refs[:1], refs[2:], val_refs=refs[1:2])
+    cfg = _tiny_eval_cfg(data, protocol=protocol, loss="dice_ce" if protocol == "linear" else "bce_dice",
+                         ceiling={"steps": 3, "batch_size": 1, "val_every": 2})
+    out = evaluate_backbone(backbone, pcfg, cfg, refs[:1], refs[2:], val_refs=refs[1:2], variant=variant)
     assert set(out["dice"]) == {refs[2].item_id} and out["dice"][refs[2].item_id].shape == (NUM_ORGANS,)
     pred = out["pred"][refs[2].item_id]
     assert pred.shape == refs[2].shape_zyx and pred.dtype == np.uint8
     assert not pred[np.asarray(refs[2].mask()) == 0].any()           # nothing outside the body
     assert [s for s, _ in out["val_dice"]] == [2, 3] and out["best_step"] in (2, 3)
-    assert len(out["losses"]) == 3 and np.isfinite(out["losses"]).all()
+    assert len(out["losses"]) == 3 and np.isfinite(out["losses"]).all() and out["steps"] == 3
     assert out["hd95"][refs[2].item_id].shape == (NUM_ORGANS,)
     changed = any(not torch.equal(before[k], v) for k, v in backbone.state_dict().items())
-    assert changed == (protocol == "finetune")                       # frozen unless finetuning
+    assert changed == (protocol == "finetune" or variant == "ceiling")   # frozen unless all weights train
+
+
+def test_network_training_stops_at_the_wall_clock_limit_and_keeps_the_best(tmp_path):
+    from pipeline.data.patches import load_volume_refs
+    from pipeline.evaluation.downstream import BackboneFeatures, train_network
+    from pipeline.train.checkpoint import load_pretrained
+
+    data = write_tiny_corpus(tmp_path / "data", n=2)
+    backbone, pcfg = load_pretrained(_tiny_model_file(tmp_path))
+    refs = load_volume_refs(data, require_labels=True)
+    cfg = _tiny_eval_cfg(data)
+    tc = cfg.finetune.model_copy(update={"steps": 10_000, "max_seconds": 0.01, "val_every": 0})
+    feats = BackboneFeatures(backbone, pcfg, (50,), trainable=True)
+    result = train_network(feats, refs[:1], cfg, tc, (8, 8, 8), (-1000, 1000), refs[1:])
+    assert result.stopped_at_limit and result.steps_done < 10_000
+    assert [s for s, _ in result.val_dice] == [result.steps_done] and result.best_step == result.steps_done
 
 
 def test_finetune_gets_the_smaller_backbone_learning_rate(tmp_path):
-    from pipeline.evaluation.downstream import BackboneFeatures, _optimizer
+    from pipeline.evaluation.downstream import BackboneFeatures, network_optimizer
     from pipeline.evaluation.heads import build_head
     from pipeline.train.checkpoint import load_pretrained
 
     backbone, pcfg = load_pretrained(_tiny_model_file(tmp_path))
-    cfg = EvaluateConfig(data="x", protocol="finetune", head_lr=1e-3, finetune_lr_scale=0.1)
+    tc = EvaluateConfig(data="x", finetune={"lr": 1e-3, "backbone_lr_scale": 0.1}).finetune
     feats = BackboneFeatures(backbone, pcfg, (50,), trainable=True)
-    opt = _optimizer(feats, build_head("nonlinear", feats.feature_channels), cfg)
+    opt = network_optimizer(feats, build_head("nonlinear", feats.feature_channels), tc)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-4])
     frozen = BackboneFeatures(backbone, pcfg, (50,), trainable=False)
-    assert len(_optimizer(frozen, build_head("linear", frozen.feature_channels), cfg).param_groups) == 1
+    assert len(network_optimizer(frozen, build_head("linear", frozen.feature_channels), tc).param_groups) == 1
     x = torch.rand(1, 5, 8, 8, 8)
     assert all(not f.requires_grad for f in frozen(x))
 

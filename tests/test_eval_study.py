@@ -40,7 +40,8 @@ def test_study_smoke(tmp_path):
         "pretrain": {"optim": {"steps": 2, "warmup_steps": 1}, "checkpoint_every": 2, "log_every": 1,
                      "registered_model": None, "patches": {"patch_size_zyx": [16, 16, 16]},
                      "model": {"channels": [8, 16]}},
-        "evaluate": {"folds": 3, "val_cases": 0, "head_steps": 2, "overlays": 0},
+        "evaluate": {"folds": 3, "val_cases": 0, "head": {"steps": 2, "windows_per_volume": 2},
+                     "finetune": {"steps": 2}, "overlays": 0},
         "tracking": {"tracking_uri": uri}})
     try:
         out = run_study(cfg)

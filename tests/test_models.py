@@ -46,6 +46,27 @@ def test_shapes_and_features(injection, time_dim):
     assert torch.equal(model(x, t if time_dim else None, cond), out)
 
 
+@pytest.mark.parametrize("injection", ["concat", "film"])
+def test_strided_stem_shapes_and_features(injection):
+    """stem_stride=2: levels at strides 2, 4, 8 and a full-resolution stage that sees the raw input."""
+    model = _randomize(UNet3D(1, 1, channels=(8, 16, 24), time_embed_dim=16, cond_channels=6,
+                              cond_injection=injection, stem_stride=2)).eval()
+    x, t, cond = _inputs(6)
+    out, feats = model(x, t, cond, return_features=True)
+    assert out.shape == SHAPE
+    assert model.feature_channels == (24, 16, 8, 8) and model.feature_strides == (8, 4, 2, 1)
+    for f, c, s in zip(feats, model.feature_channels, model.feature_strides):
+        assert f.shape == (2, c, 16 // s, 16 // s, 8 // s)
+    # the full-resolution output depends on the voxel itself, not only on its 2x2x2 neighbourhood average
+    x2 = x.clone()
+    x2[0, 0, 0, 0, 0] += 1.0
+    assert (model(x2, t, cond) - model(x, t, cond))[0, 0, 0, 0, 0].abs() > 1e-4
+    with pytest.raises(ValueError, match="multiples of 8"):
+        model(torch.zeros(1, 1, 16, 16, 4), t[:1], cond[:1, :, :, :, :4])
+    with pytest.raises(ValueError, match="stem_stride"):
+        UNet3D(1, 1, stem_stride=3)
+
+
 def test_output_starts_at_zero_and_features_do_not():
     """Zero-initialised output conv (a stable start for eps prediction); features are informative."""
     model = UNet3D(1, 1, channels=(8, 16), time_embed_dim=16)
@@ -127,13 +148,14 @@ def test_blocks_helpers():
     assert sinusoidal_embedding(torch.tensor([1]), 7).shape == (1, 7)
 
 
-def test_learns_to_denoise_one_patch():
+@pytest.mark.parametrize("stem_stride", [1, 2])
+def test_learns_to_denoise_one_patch(stem_stride):
     """30 Adam steps on one smooth patch, fresh noise each step at t = 100: the eps loss halves."""
     torch.manual_seed(0)
     z = torch.linspace(-1, 1, 16)
     x0 = (torch.sin(3 * z)[:, None, None] * torch.cos(2 * z)[None, :, None] * z[None, None, :])[None, None]
     schedule = DiffusionSchedule.from_betas(cosine_beta_schedule(1000))
-    model = UNet3D(1, 1, channels=(8, 16), time_embed_dim=32)
+    model = UNet3D(1, 1, channels=(8, 16), time_embed_dim=32, stem_stride=stem_stride)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
     losses = []

@@ -66,3 +66,21 @@ def test_scanner_balance_weights(tmp_path):
     refs = load_volume_refs(write_tiny_corpus(tmp_path))
     s = PatchStream(refs, (8, 8, 8), (-1000, 1000), balance_scanners=True)
     np.testing.assert_allclose(s.p, [0.5, 0.25, 0.25])  # v0 is the only scanner-B volume
+
+
+def test_foreground_centres_are_class_balanced(tmp_path):
+    """Class first, then voxel: a 1-voxel organ is centred as often as a 1000-voxel one."""
+    from pipeline.data.patches import VolumeRef, _random_start
+
+    label = np.zeros((20, 20, 20), np.uint8)
+    label[2:12, 2:12, 2:12] = 6   # liver: 1000 voxels
+    label[15, 15, 15] = 12        # adrenal: 1 voxel
+    label[15:17, 2:4, 2:4] = 4    # gallbladder: 8 voxels
+    np.save(tmp_path / "lab.npy", label)
+    ref = VolumeRef("x", tmp_path / "img.npy", None, tmp_path / "lab.npy", label.shape)
+    rng = np.random.default_rng(0)
+    hits = [int(label[tuple(_random_start(ref, (4, 4, 4), rng, True) + 2)]) for _ in range(3000)]
+    freq = {c: hits.count(c) / len(hits) for c in (4, 6, 12)}
+    assert set(hits) == {4, 6, 12}
+    for c in (4, 6, 12):
+        assert abs(freq[c] - 1 / 3) < 0.04, freq

@@ -73,7 +73,8 @@ def test_pretrain_then_evaluate_logs_dice(corpus):
     assert run.data.params["model.guidance"] == "bodybox"
 
     ev = load_config(EvaluateConfig, "evaluate-tiny", {
-        "data": corpus["labeled"][0], "pretrain_run_id": pre["run_id"], "head_steps": 3,
+        "data": corpus["labeled"][0], "pretrain_run_id": pre["run_id"],
+        "head": {"steps": 3, "windows_per_volume": 2}, "ceiling": {"steps": 2, "val_every": 0},
         "tracking": {"tracking_uri": uri}})
     res = run_evaluate(ev)
     erun = client.get_run(res["run_id"])
@@ -81,7 +82,9 @@ def test_pretrain_then_evaluate_logs_dice(corpus):
     metrics = erun.data.metrics
     for organ in ORGANS:
         assert f"dice_{organ}" in metrics and f"random_init_dice_{organ}" in metrics
-    assert 0.0 <= metrics["dice_mean"] <= 1.0
+        assert f"ceiling_dice_{organ}" in metrics                   # the supervised ceiling row
+    assert 0.0 <= metrics["dice_mean"] <= 1.0 and 0.0 <= metrics["ceiling_dice_mean"] <= 1.0
+    assert "supervised ceiling" in res["table"]
     assert "| liver |" in res["table"] or "liver" in res["table"]
 
 
@@ -113,8 +116,8 @@ def test_guide_then_learned_guidance(corpus):
     coords = list((Path(corpus["unlabeled"][0]) / "coords").glob("*/*.npy"))
     assert len(coords) == 3 and np.load(coords[0]).shape[0] == 3
     ev = load_config(EvaluateConfig, "evaluate-tiny", {
-        "data": corpus["labeled"][0], "pretrain_run_id": pre["run_id"], "head_steps": 2,
-        "compare_random_init": False, "tracking": {"tracking_uri": uri}})
+        "data": corpus["labeled"][0], "pretrain_run_id": pre["run_id"],
+        "head": {"steps": 2, "windows_per_volume": 2}, "ceiling": None, "compare_random_init": False, "tracking": {"tracking_uri": uri}})
     tags = client.get_run(run_evaluate(ev)["run_id"]).data.tags
     assert tags["anatdiff.guide_run_id"] == guide["run_id"]
     assert tags["anatdiff.pretrain_run_id"] == pre["run_id"]

@@ -281,7 +281,8 @@ def test_submitted_chain_preprocess_pretrain_evaluate_logs_dice(ray_head, tmp_pa
                                              "patches.patch_size_zyx=[16,16,16]", "optim.warmup_steps=1"])
     run_id = re.search(r"pretrain run (\w+) finished", logs).group(1)
     run("evaluate", "evaluate-tiny", [f"data={tmp_path / 'pp' / 'labeled'}", f"pretrain_run_id={run_id}",
-                                      "head_steps=5", "patch_size_zyx=[16,16,16]", "compare_random_init=false"])
+                                      "head.steps=5", "head.windows_per_volume=2", "ceiling=null",
+                                      "patch_size_zyx=[16,16,16]", "compare_random_init=false"])
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("anatdiff").experiment_id],
                               filter_string=f"tags.`anatdiff.pretrain_run_id` = '{run_id}'")

@@ -9,8 +9,8 @@ from pipeline.config import PretrainConfig
 from pipeline.data.patches import PatchStream, load_volume_refs
 from pipeline.diffusion.schedules import DiffusionSchedule
 from pipeline.train.checkpoint import load_pretrained, load_state, save_state
-from pipeline.train.step import (batch_to_tensors, build_model, cond_channels, ema_update, lr_at, make_ema,
-                                 train_step)
+from pipeline.train.step import (batch_to_tensors, build_model, cond_channels, ema_decay_at, ema_update, lr_at,
+                                 make_ema, train_step)
 
 
 def tiny_cfg(**model) -> PretrainConfig:
@@ -27,6 +27,17 @@ def test_lr_schedule_golden():
     assert lr_at(10, optim) == pytest.approx(1e-3)
     assert lr_at(100, optim) == pytest.approx(1e-4)
     assert lr_at(55, optim) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
+
+
+def test_ema_warmup_golden():
+    """diffusers' EMAModel warm-up: (1 + step) / (10 + step), capped at the configured decay."""
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
+    assert ema_decay_at(10, 0.999) == pytest.approx(11 / 20)
+    assert ema_decay_at(90, 0.999) == pytest.approx(0.91)
+    assert ema_decay_at(100_000, 0.999) == 0.999
+    # after 150 warm-up updates of 0.99 the initial weights keep a negligible share (0.99^150 = 22 % without)
+    share = np.prod([ema_decay_at(s, 0.99) for s in range(150)])
+    assert share < 1e-6
 
 
 @pytest.mark.parametrize("guidance,encoding,channels", [("none", "sincos", 0), ("bodybox", "raw", 3),

@@ -132,17 +132,30 @@ def cut_patch(volume_zyx: np.ndarray, start_zyx: np.ndarray, size_zyx: tuple[int
     return out
 
 
+def organ_voxels(ref: VolumeRef) -> dict[int, np.ndarray]:
+    """Label value -> (N, 3) int64 zyx indices of its voxels, for every organ present (cached per volume)."""
+    if "organ_voxels" not in ref._cache:
+        label = np.asarray(ref.label())
+        flat = np.flatnonzero(label)
+        values = label.reshape(-1)[flat]
+        order = np.argsort(values, kind="stable")
+        flat, values = flat[order], values[order]
+        present, starts = np.unique(values, return_index=True)
+        groups = np.split(flat, starts[1:])
+        ref._cache["organ_voxels"] = {int(v): np.stack(np.unravel_index(g, label.shape), axis=1)
+                                      for v, g in zip(present, groups)}
+    return ref._cache["organ_voxels"]
+
+
 def _random_start(ref: VolumeRef, size_zyx, rng: np.random.Generator, foreground: bool) -> np.ndarray:
-    """Patch start so that its centre is a body voxel (or an organ voxel when ``foreground``)."""
+    """Patch start so that its centre is a body voxel, or, when ``foreground``, a voxel of an organ drawn
+    uniformly among the organs present (class first, then voxel: MONAI's RandCropByLabelClasses), so that
+    small organs (adrenals, gallbladder) are centred as often as the liver."""
     size = np.asarray(size_zyx)
-    label = ref.label() if foreground else None
-    if label is not None:
-        key = "fg_idx"
-        if key not in ref._cache:
-            ref._cache[key] = np.argwhere(np.asarray(label) > 0)
-        fg = ref._cache[key]
-        if len(fg):
-            return fg[rng.integers(len(fg))] - size // 2
+    organs = organ_voxels(ref) if foreground and ref.label_path is not None else {}
+    if organs:
+        voxels = organs[list(organs)[rng.integers(len(organs))]]
+        return voxels[rng.integers(len(voxels))] - size // 2
     box = ref.body_bbox_zyx()
     mask = ref.mask()
     centre = None

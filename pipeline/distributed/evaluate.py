@@ -28,12 +28,12 @@ from pipeline.evaluation.folds import evaluation_folds
 from pipeline.evaluation.metrics import dice_mean
 from pipeline.labels import ORGANS
 
-VARIANT_PREFIX = {"pretrained": "", "random_init": "random_init_"}
-VARIANT_LABEL = {"pretrained": "pretrained", "random_init": "random init"}
+VARIANT_PREFIX = {"pretrained": "", "random_init": "random_init_", "ceiling": "ceiling_"}
+VARIANT_LABEL = {"pretrained": "pretrained", "random_init": "random init", "ceiling": "supervised ceiling"}
 
 
-def _fold_task(model_path: str, random_init: bool, cfg_json: dict, data_dir: str, fold: dict[str, list[str]],
-               coords_dir: str | None = None) -> dict:
+def _fold_task(model_path: str, variant: str, cfg_json: dict, data_dir: str, fold: dict[str, list[str]],
+               coords_dir: str | None = None, label: str = "") -> dict:
     """Runs in a Ray task: everything it needs is passed by value or path."""
     import torch
 
@@ -43,10 +43,27 @@ def _fold_task(model_path: str, random_init: bool, cfg_json: dict, data_dir: str
     torch.set_num_threads(1)
     cfg = EvaluateConfig.model_validate(cfg_json)
     device = "cuda" if cfg.gpus_per_task > 0 and torch.cuda.is_available() else "cpu"
-    backbone, pretrain_cfg = load_pretrained(model_path, random_init=random_init, seed=cfg.seed)
+    backbone, pretrain_cfg = load_pretrained(model_path, random_init=variant != "pretrained", seed=cfg.seed)
     refs = {r.item_id: r for r in load_volume_refs(data_dir, require_labels=True, coords_dir=coords_dir)}
-    return evaluate_backbone(backbone, pretrain_cfg, cfg, [refs[i] for i in fold["train"]],
-                             [refs[i] for i in fold["test"]], [refs[i] for i in fold["val"]], device=device)
+    out = evaluate_backbone(backbone, pretrain_cfg, cfg, [refs[i] for i in fold["train"]],
+                            [refs[i] for i in fold["test"]], [refs[i] for i in fold["val"]], device=device,
+                            variant=variant, progress=progress_printer(label))
+    out.pop("features")
+    out["head"] = {k: v.cpu() for k, v in out["head"].state_dict().items()}
+    return out
+
+
+def progress_printer(label: str, every_s: float = 20.0):
+    """A training progress callback printing one line (step, loss, steps/s, ETA) at most every ``every_s``."""
+    last = [0.0]
+
+    def report(step: int, total: int, loss: float, seconds: float) -> None:
+        if seconds - last[0] >= every_s or step == total:
+            last[0] = seconds
+            rate = step / max(seconds, 1e-9)
+            print(f"      {label} step {step}/{total} loss {loss:.3f} {rate:.1f} steps/s "
+                  f"ETA {(total - step) / max(rate, 1e-9):.0f} s", flush=True)
+    return report
 
 
 def resolve_model(cfg: EvaluateConfig, uri: str, workdir: Path) -> tuple[str, str | None]:
@@ -203,10 +220,12 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             init_ray(cfg.num_cpus)
             coords_dir = _guide_coords(model_path, data_dir, uri, workdir, run_id)
             task = ray.remote(num_cpus=1, num_gpus=cfg.gpus_per_task)(_fold_task)
-            variants = {"pretrained": False} | ({"random_init": True} if cfg.compare_random_init else {})
+            variants = ["pretrained"] + (["random_init"] if cfg.compare_random_init else []) + \
+                (["ceiling"] if cfg.ceiling is not None else [])
             cfg_json = cfg.model_dump(mode="json")
-            futures = {(k, name): task.remote(model_path, rnd, cfg_json, data_dir, fold, coords_dir)
-                       for k, fold in enumerate(folds) for name, rnd in variants.items()}
+            futures = {(k, name): task.remote(model_path, name, cfg_json, data_dir, fold, coords_dir,
+                                              f"[fold {k + 1}/{len(folds)} {VARIANT_LABEL[name]}]")
+                       for k, fold in enumerate(folds) for name in variants}
             results = {key: ray.get(f) for key, f in futures.items()}
             if len(folds) > 1:
                 for k, fold in enumerate(folds):

@@ -20,7 +20,8 @@ from pipeline.diffusion.schedules import DiffusionSchedule
 from pipeline.distributed import trainer
 from pipeline.distributed.coords import ensure_coord_maps, resolve_guide
 from pipeline.train.checkpoint import MODEL_FILE, load_state, save_model, save_state, unwrap
-from pipeline.train.step import (add_objective_inputs, batch_to_tensors, build_model, ema_update, make_ema,
+from pipeline.train.step import (add_objective_inputs, batch_to_tensors, build_model, ema_decay_at, ema_update,
+                                 make_ema,
                                  train_step)
 
 
@@ -63,39 +64,81 @@ def _log_preview(ema, batch: dict, cfg: PretrainConfig, schedule, uri: str, run_
         tracking.log_artifact(uri, run_id, png, "samples")
 
 
+def _probe_setup(cfg: PretrainConfig):
+    """(fit refs, score refs) of the online probe, or None when it is off."""
+    if cfg.probe is None:
+        return None
+    from pipeline.evaluation.probe import split_probe_refs
+
+    return split_probe_refs(load_volume_refs(cfg.probe.data, require_labels=True), cfg.probe)
+
+
+def _run_probe(ema, cfg: PretrainConfig, probe_refs, step: int) -> dict[str, float]:
+    from pipeline.evaluation.probe import probe_dice
+
+    metrics = probe_dice(unwrap(ema), cfg, cfg.probe, *probe_refs, seed=cfg.seed)
+    print(f"      probe at step {step}: linear-head Dice {metrics['probe_dice_mean']:.3f} "
+          f"({metrics['probe_organs_found']:.0f} organs > 0.2, {metrics['probe_seconds']:.0f} s)", flush=True)
+    return metrics
+
+
+def _progress_line(step: int, cfg: PretrainConfig, loss: float, rate: float, elapsed: float) -> str:
+    left = (cfg.optim.steps - step) / max(rate, 1e-9)
+    if cfg.max_seconds is not None:
+        left = min(left, max(cfg.max_seconds - elapsed, 0.0))
+    return (f"      pretrain step {step}/{cfg.optim.steps} loss {loss:.4f} {rate:.2f} steps/s "
+            f"ETA {left / 60:.1f} min")
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker: resume, stream patches, step, log (rank 0), checkpoint."""
+    """Runs on every Ray Train worker: resume, stream patches, step, log (rank 0), probe, checkpoint."""
     cfg = PretrainConfig.model_validate(config["cfg"])
     uri, run_id = config["tracking_uri"], config["run_id"]
     rank, world, device, model, ema, optimizer, start_step = _worker_setup(cfg)
     schedule = DiffusionSchedule.from_config(cfg.diffusion).to(device)
     stream = PatchStream(load_volume_refs(config["data_dir"], coords_dir=config["coords_dir"]),
                          cfg.patches.patch_size_zyx, cfg.patches.window_hu, seed=cfg.seed, rank=rank)
+    probe_refs = _probe_setup(cfg) if rank == 0 else None
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    t_log, wait_s, samples, steps = time.perf_counter(), 0.0, 0, 0
+    t_start = t_log = time.perf_counter()
+    wait_s, samples, steps, probe_s = 0.0, 0, 0, 0.0
     for step in range(start_step, cfg.optim.steps):
         t0 = time.perf_counter()
         batches = _micro_batches(stream, cfg, rank, step, device)
         wait_s += time.perf_counter() - t0
         result = train_step(model, optimizer, batches, cfg, schedule, step, autocast)
-        ema_update(ema, unwrap(model), cfg.optim.ema_decay)
+        ema_update(ema, unwrap(model), ema_decay_at(step, cfg.optim.ema_decay))
         samples += cfg.optim.batch_size * cfg.optim.grad_accum_steps * world
         steps += 1
         done = step + 1
-        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.optim.steps):
-            elapsed = time.perf_counter() - t_log
+        elapsed = time.perf_counter() - t_start
+        stop = cfg.max_seconds is not None and trainer.all_agree(elapsed >= cfg.max_seconds)
+        last = stop or done == cfg.optim.steps
+        if rank == 0 and (done % cfg.log_every == 0 or last):
+            interval = time.perf_counter() - t_log
             metrics = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                       "samples_per_s": samples / elapsed, "steps_per_s": steps / elapsed,
-                       "data_wait_fraction": wait_s / elapsed}
+                       "samples_per_s": samples / interval, "steps_per_s": steps / interval,
+                       "data_wait_fraction": wait_s / interval}
             if device.type == "cuda":
                 metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             tracking.log_metrics(uri, run_id, metrics, step=done)
+            print(_progress_line(done, cfg, result.loss, steps / interval, elapsed), flush=True)
             t_log, wait_s, samples, steps = time.perf_counter(), 0.0, 0, 0
         if rank == 0 and cfg.sample_every and cfg.objective == "diffusion" and done % cfg.sample_every == 0:
             _log_preview(ema, batches[0], cfg, schedule, uri, run_id, done)
-        if done % cfg.checkpoint_every == 0 or done == cfg.optim.steps:
+        if probe_refs is not None and (done % cfg.probe.every == 0 or last):
+            metrics = _run_probe(ema, cfg, probe_refs, done)
+            probe_s += metrics["probe_seconds"]
+            metrics["probe_time_fraction"] = probe_s / (time.perf_counter() - t_start)
+            tracking.log_metrics(uri, run_id, metrics, step=done)
+        if done % cfg.checkpoint_every == 0 or last:
             trainer.report(rank, {"step": done, "loss": result.loss},
                            lambda d: save_state(d, model, ema, optimizer, done, cfg))
+        if stop:
+            if rank == 0:
+                print(f"      pretrain: wall-clock limit of {cfg.max_seconds:.0f} s reached at step {done}; "
+                      "that checkpoint is the final model", flush=True)
+            break
 
 
 def run_pretrain(cfg: PretrainConfig, config_path: str | None = None) -> dict:

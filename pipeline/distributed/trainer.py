@@ -52,6 +52,21 @@ def report(rank: int, metrics: dict, save: Callable[[Path], None]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def all_agree(flag: bool) -> bool:
+    """True on every worker if ``flag`` is True on any (an all-reduce of one number; workers must call it at
+    the same steps). Without a process group (one process) it is ``flag`` itself."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def storage_uri(storage_path: str) -> str:
     """Absolute local folder, or a URI (s3://, gs://) unchanged."""
     return storage_path if "://" in storage_path else str(Path(storage_path).resolve())

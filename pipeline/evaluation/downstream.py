@@ -1,91 +1,39 @@
-"""Downstream segmentation: feature extraction, head (or whole-network) training, whole-volume prediction.
+"""Downstream segmentation: head (or whole-network) training, whole-volume prediction, Dice.
 
-Protocols (``EvaluateConfig.protocol``): ``linear`` and ``nonlinear`` heads on FROZEN features, and
-``finetune``: the same features with the backbone trainable (learning rate ``head_lr x finetune_lr_scale``)
-under the non-linear head. Pure torch (no Ray, no MLflow): ``pipeline.distributed.evaluate`` runs it on Ray.
-Features follow DDPM-seg (Baranchuk et al. 2022): the input is noised to a small timestep t with a fixed
-noise draw, the denoiser runs with the guide's coordinates, and its multi-scale decoder activations are
-taken (several timesteps are concatenated per scale).
+Protocols (``EvaluateConfig.protocol``):
+- ``linear`` / ``nonlinear``: a head on FROZEN features. The backbone runs once over sampled windows of the
+  training volumes (``features.build_bank``); the head then trains on the stored per-voxel features.
+- ``finetune``: the head and the backbone train together on patches (``train_network``, backbone learning
+  rate ``lr x backbone_lr_scale``).
+The supervised ceiling is ``train_network`` on a randomly initialised backbone (``EvaluateConfig.ceiling``).
+Every training validates on whole volumes (sliding windows) every ``val_every`` steps, keeps the best
+weights, and may stop at a wall-clock limit. Pure torch (no Ray, no MLflow).
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import EvaluateConfig, PretrainConfig
-from pipeline.data.patches import PatchStream, VolumeRef, patch_coords, scale_hu
-from pipeline.diffusion.objective import to_model_range
-from pipeline.diffusion.schedules import DiffusionSchedule, q_sample
+from pipeline.config import EvaluateConfig, NetworkTrainConfig, PretrainConfig
+from pipeline.data.patches import PatchStream, VolumeRef
+from pipeline.evaluation.features import BackboneFeatures, build_bank, pack_batch, pack_volume
 from pipeline.evaluation.heads import build_head
 from pipeline.evaluation.losses import predict_labels
 from pipeline.evaluation.metrics import dice_mean, dice_per_organ
 from pipeline.evaluation.objectives import segmentation_loss
 from pipeline.evaluation.sliding import sliding_window_predict
 from pipeline.evaluation.surface import hd95_per_organ
-from pipeline.train.step import guidance_cond
+from pipeline.train.step import warmup_cosine_lr
 
-
-class BackboneFeatures(nn.Module):
-    """Multi-scale features of a backbone for inputs packed as channels (image, coords, noise).
-
-    forward(packed (B, 4 + 1, D, H, W)) -> list of (B, C_i * n_timesteps, D/s_i, H/s_i, W/s_i), coarsest
-    first. Packing the noise with the image makes sliding windows see the same noise as the whole volume.
-    ``trainable``: gradients flow into the backbone (finetune); else it is frozen and runs without autograd.
-    The backbone stays in eval mode either way (GroupNorm, no dropout: train and eval compute the same).
-    """
-
-    def __init__(self, backbone: nn.Module, pretrain_cfg: PretrainConfig, timesteps: tuple[int, ...],
-                 trainable: bool = False):
-        super().__init__()
-        self.trainable = trainable
-        self.backbone = backbone.eval().requires_grad_(trainable)
-        self.cfg = pretrain_cfg
-        self.noised = pretrain_cfg.objective == "diffusion" or pretrain_cfg.objective == "none"
-        self.timesteps = tuple(timesteps) if self.noised else (0,)
-        self.schedule = DiffusionSchedule.from_config(pretrain_cfg.diffusion)
-        self.feature_channels = tuple(c * len(self.timesteps) for c in backbone.feature_channels)
-        self.feature_strides = tuple(backbone.feature_strides)
-
-    def train(self, mode: bool = True) -> "BackboneFeatures":
-        super().train(mode)
-        self.backbone.eval()
-        return self
-
-    def forward(self, packed: torch.Tensor) -> list[torch.Tensor]:
-        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            image, coords, noise = packed[:, :1], packed[:, 1:4], packed[:, 4:5]
-            x0 = to_model_range(image)
-            cond = guidance_cond(self.cfg.model, coords)
-            per_t = []
-            for t in self.timesteps:
-                tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
-                x_t = q_sample(x0, tt, noise, self.schedule.to(x0.device)) if self.noised and t > 0 else x0
-                _, feats = self.backbone(x_t, tt, cond, return_features=True)
-                per_t.append(feats)
-            return [torch.cat(level, dim=1) for level in zip(*per_t)]
-
-
-def pack_batch(batch: dict[str, np.ndarray], generator: torch.Generator) -> torch.Tensor:
-    """(B, 5, D, H, W): image [0, 1], body-box coords (3), standard normal noise."""
-    image = torch.from_numpy(batch["image"])
-    coords = torch.from_numpy(batch["coords"])
-    noise = torch.randn(image.shape, generator=generator)
-    return torch.cat([image, coords, noise], dim=1)
-
-
-def pack_volume(ref: VolumeRef, window_hu, seed: int) -> torch.Tensor:
-    """The whole volume packed like ``pack_batch``: (1, 5, D, H, W)."""
-    shape = ref.shape_zyx
-    image = torch.from_numpy(scale_hu(np.asarray(ref.image()), window_hu))[None, None]
-    coords = torch.from_numpy(patch_coords(ref, (0, 0, 0), shape))[None]
-    noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(seed))
-    return torch.cat([image, coords, noise], dim=1)
+#: progress callback: (step, total steps, loss, seconds so far)
+Progress = Callable[[int, int, float, float], None]
 
 
 @dataclass
@@ -94,20 +42,129 @@ class HeadResult:
     losses: list[float]
     val_dice: list[tuple[int, float]] = field(default_factory=list)  # (step, mean Dice over val volumes)
     best_step: int | None = None
+    steps_done: int = 0
+    stopped_at_limit: bool = False
 
 
-def _optimizer(features: BackboneFeatures, head: nn.Module, cfg: EvaluateConfig) -> torch.optim.Optimizer:
-    groups = [{"params": list(head.parameters()), "lr": cfg.head_lr}]
+class _Best:
+    """Validation Dice checks; keeps a copy of the weights of the best one."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules, self.score, self.state, self.step = modules, -np.inf, None, None
+
+    def offer(self, step: int, score: float) -> None:
+        if not np.isnan(score) and score > self.score:
+            self.score, self.step = score, step
+            self.state = {k: copy.deepcopy(m.state_dict()) for k, m in self.modules.items()}
+
+    def restore(self) -> None:
+        if self.state is not None:
+            for k, m in self.modules.items():
+                m.load_state_dict(self.state[k])
+
+
+def _check_due(step: int, total: int, every: int, stop: bool) -> bool:
+    done = step + 1
+    return stop or done == total or bool(every and done % every == 0)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def train_frozen_head(features: BackboneFeatures, refs: list[VolumeRef], cfg: EvaluateConfig, patch_size_zyx,
+                      window_hu, val_refs: list[VolumeRef] | None = None,
+                      progress: Progress | None = None) -> HeadResult:
+    """The ``cfg.protocol`` head ("linear" | "nonlinear") on frozen features of ``refs`` (a feature bank),
+    loss ``cfg.loss`` on batches of voxel vectors; with ``val_refs``, whole-volume validation Dice every
+    ``cfg.head.val_every`` steps and the best head kept."""
+    hc = cfg.head
+    torch.manual_seed(cfg.seed)
+    device = next(features.backbone.parameters()).device
+    bank = build_bank(features, refs, patch_size_zyx, window_hu, hc.windows_per_volume, hc.voxels_per_window,
+                      hc.voxels_per_organ, seed=cfg.seed + 1, foreground_prob=hc.foreground_prob)
+    head = build_head(cfg.protocol, features.feature_channels, hidden=hc.hidden,
+                      feature_strides=features.feature_strides).to(device)
+    mean, std = bank.channel_stats()
+    head.fuse.set_input_stats(mean.to(device), std.to(device))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=hc.lr, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    result, best, t0 = HeadResult(head=head, losses=[]), _Best({"head": head}), time.perf_counter()
+    for step in range(hc.steps):
+        _set_lr(optimizer, warmup_cosine_lr(step, hc.steps, min(100, hc.steps // 10), hc.lr))
+        x, y = bank.batch(hc.batch_voxels, generator)
+        logits = head.forward_voxels(x.to(device))
+        loss = segmentation_loss(cfg.loss, logits.T.reshape(1, logits.shape[1], -1, 1, 1),
+                                 y.to(device).view(1, -1, 1, 1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        result.losses.append(float(loss.detach()))
+        if progress is not None:
+            progress(step + 1, hc.steps, result.losses[-1], time.perf_counter() - t0)
+        if val_refs and _check_due(step, hc.steps, hc.val_every, False):
+            score = validation_dice(features, head, val_refs, patch_size_zyx, window_hu, cfg.sw_overlap, cfg.seed)
+            result.val_dice.append((step + 1, score))
+            best.offer(step + 1, score)
+    best.restore()
+    result.best_step, result.steps_done = best.step, hc.steps
+    result.head = head.eval()
+    return result
+
+
+def network_optimizer(features: BackboneFeatures, head: nn.Module, tc: NetworkTrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the head (lr) and the backbone (lr x ``tc.backbone_lr_scale``); ``_set_lr`` keeps the ratio."""
+    groups = [{"params": list(head.parameters()), "lr_scale": 1.0}]
     if features.trainable:
-        groups.append({"params": list(features.backbone.parameters()), "lr": cfg.head_lr * cfg.finetune_lr_scale})
-    return torch.optim.Adam(groups)
+        groups.append({"params": list(features.backbone.parameters()), "lr_scale": tc.backbone_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=1e-4)
+    _set_lr(optimizer, tc.lr)
+    return optimizer
 
 
-def _state(features: BackboneFeatures, head: nn.Module) -> dict:
-    out = {"head": copy.deepcopy(head.state_dict())}
-    if features.trainable:
-        out["backbone"] = copy.deepcopy(features.backbone.state_dict())
-    return out
+def train_network(features: BackboneFeatures, refs: list[VolumeRef], cfg: EvaluateConfig, tc: NetworkTrainConfig,
+                  patch_size_zyx, window_hu, val_refs: list[VolumeRef] | None = None,
+                  progress: Progress | None = None) -> HeadResult:
+    """Head ``tc.head`` and the (trainable) backbone together on random patches of ``refs`` (organ-centred
+    with probability ``tc.foreground_prob``, organ drawn uniformly among those present), loss ``cfg.loss``
+    masked to the body, AdamW with warm-up and cosine decay; stops at ``tc.max_seconds``; validation and
+    best weights as ``train_frozen_head``."""
+    torch.manual_seed(cfg.seed)
+    device = next(features.backbone.parameters()).device
+    head = build_head(tc.head, features.feature_channels, hidden=cfg.head.hidden,
+                      feature_strides=features.feature_strides).to(device)
+    stream = PatchStream(refs, patch_size_zyx, window_hu, seed=cfg.seed + 1, foreground_prob=tc.foreground_prob)
+    optimizer = network_optimizer(features, head, tc)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    result = HeadResult(head=head, losses=[])
+    best, t0 = _Best({"head": head, "backbone": features.backbone}), time.perf_counter()
+    for step in range(tc.steps):
+        _set_lr(optimizer, warmup_cosine_lr(step, tc.steps, tc.warmup_steps, tc.lr))
+        batch = stream.batch(step, tc.batch_size)
+        packed = pack_batch(batch, generator).to(device)
+        logits = head(features(packed), packed.shape[2:])
+        loss = segmentation_loss(cfg.loss, logits, torch.from_numpy(batch["label"]).to(device),
+                                 torch.from_numpy(batch["mask"]).to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        result.losses.append(float(loss.detach()))
+        elapsed = time.perf_counter() - t0
+        stop = tc.max_seconds is not None and elapsed >= tc.max_seconds
+        if progress is not None:
+            progress(step + 1, tc.steps, result.losses[-1], elapsed)
+        if val_refs and _check_due(step, tc.steps, tc.val_every, stop):
+            score = validation_dice(features, head, val_refs, patch_size_zyx, window_hu, cfg.sw_overlap, cfg.seed)
+            result.val_dice.append((step + 1, score))
+            best.offer(step + 1, score)
+        if stop:
+            result.stopped_at_limit = True
+            break
+    best.restore()
+    result.best_step, result.steps_done = best.step, len(result.losses)
+    result.head = head.eval()
+    return result
 
 
 def validation_dice(features: BackboneFeatures, head: nn.Module, refs: list[VolumeRef], window_zyx, window_hu,
@@ -118,44 +175,6 @@ def validation_dice(features: BackboneFeatures, head: nn.Module, refs: list[Volu
                                        np.asarray(r.label()))) for r in refs]
     head.train()
     return float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
-
-
-def train_head(features: BackboneFeatures, refs: list[VolumeRef], cfg: EvaluateConfig,
-               patch_size_zyx, window_hu, val_refs: list[VolumeRef] | None = None) -> HeadResult:
-    """Train the head (and the backbone when ``features.trainable``) on random patches of ``refs`` (organ-
-    centred half of the time), loss ``cfg.loss`` masked to the body. With ``val_refs``: their Dice every
-    ``cfg.val_every`` steps (and at the end), and the weights of the best check are restored."""
-    torch.manual_seed(cfg.seed)
-    device = next(features.backbone.parameters()).device
-    head = build_head("nonlinear" if cfg.protocol == "finetune" else cfg.protocol, features.feature_channels,
-                      hidden=cfg.head_hidden, feature_strides=features.feature_strides).to(device)
-    optimizer = _optimizer(features, head, cfg)
-    stream = PatchStream(refs, patch_size_zyx, window_hu, seed=cfg.seed + 1, foreground_prob=0.5)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    result, best = HeadResult(head=head, losses=[]), (-np.inf, None)
-    for step in range(cfg.head_steps):
-        batch = stream.batch(step, cfg.head_batch_size)
-        packed = pack_batch(batch, generator).to(device)
-        logits = head(features(packed), packed.shape[2:])
-        loss = segmentation_loss(cfg.loss, logits, torch.from_numpy(batch["label"]).to(device),
-                                 torch.from_numpy(batch["mask"]).to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        result.losses.append(float(loss.detach()))
-        done = step + 1
-        if val_refs and ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.head_steps):
-            score = validation_dice(features, head, val_refs, patch_size_zyx, window_hu, cfg.sw_overlap, cfg.seed)
-            result.val_dice.append((done, score))
-            if not np.isnan(score) and score > best[0]:
-                best = (score, _state(features, head))
-                result.best_step = done
-    if best[1] is not None:
-        head.load_state_dict(best[1]["head"])
-        if "backbone" in best[1]:
-            features.backbone.load_state_dict(best[1]["backbone"])
-    result.head = head.eval()
-    return result
 
 
 @torch.no_grad()
@@ -176,20 +195,35 @@ def predict_volume(features: BackboneFeatures, head: nn.Module, ref: VolumeRef, 
     return pred
 
 
+VARIANTS = ("pretrained", "random_init", "ceiling")
+
+
 def evaluate_backbone(backbone: nn.Module, pretrain_cfg: PretrainConfig, cfg: EvaluateConfig,
                       train_refs: list[VolumeRef], test_refs: list[VolumeRef],
-                      val_refs: list[VolumeRef] | None = None, device: str | torch.device = "cpu") -> dict:
+                      val_refs: list[VolumeRef] | None = None, device: str | torch.device = "cpu",
+                      variant: str = "pretrained", progress: Progress | None = None) -> dict:
     """Train on ``train_refs`` (validate on ``val_refs``), predict ``test_refs`` whole, on ``device``.
 
+    ``variant``: "pretrained" / "random_init" run ``cfg.protocol`` on ``backbone``; "ceiling" trains
+    ``backbone`` (randomly initialised by the caller) and a head with all weights (``cfg.ceiling``).
     Returns ``dice``: case -> (13,) Dice, ``pred``: case -> (D, H, W) uint8, ``losses``, ``val_dice``
-    [(step, Dice)], ``best_step``, ``hd95``: case -> (13,) mm (when ``cfg.hd95``), ``seconds``.
+    [(step, Dice)], ``best_step``, ``steps``, ``hd95``: case -> (13,) mm (when ``cfg.hd95``), ``seconds``.
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     t0 = time.perf_counter()
     patch = cfg.patch_size_zyx or pretrain_cfg.patches.patch_size_zyx
     window_hu = pretrain_cfg.patches.window_hu
-    features = BackboneFeatures(backbone.to(device), pretrain_cfg, cfg.feature_timesteps,
-                                trainable=cfg.protocol == "finetune")
-    result = train_head(features, train_refs, cfg, patch, window_hu, val_refs)
+    trains_backbone = variant == "ceiling" or cfg.protocol == "finetune"
+    features = BackboneFeatures(backbone.to(device), pretrain_cfg, cfg.feature_timesteps, trainable=trains_backbone)
+    if variant == "ceiling":
+        if cfg.ceiling is None:
+            raise ValueError("variant 'ceiling' needs EvaluateConfig.ceiling (its training settings)")
+        result = train_network(features, train_refs, cfg, cfg.ceiling, patch, window_hu, val_refs, progress)
+    elif cfg.protocol == "finetune":
+        result = train_network(features, train_refs, cfg, cfg.finetune, patch, window_hu, val_refs, progress)
+    else:
+        result = train_frozen_head(features, train_refs, cfg, patch, window_hu, val_refs, progress)
     per_case, preds, hd95 = {}, {}, {}
     for ref in test_refs:
         pred = predict_volume(features, result.head, ref, patch, window_hu, cfg.sw_overlap, cfg.seed)
@@ -199,4 +233,5 @@ def evaluate_backbone(backbone: nn.Module, pretrain_cfg: PretrainConfig, cfg: Ev
         if cfg.hd95:
             hd95[ref.item_id] = hd95_per_organ(pred, label, ref.spacing_zyx_mm)
     return {"dice": per_case, "pred": preds, "losses": result.losses, "val_dice": result.val_dice,
-            "best_step": result.best_step, "hd95": hd95, "seconds": time.perf_counter() - t0}
+            "best_step": result.best_step, "steps": result.steps_done, "hd95": hd95,
+            "seconds": time.perf_counter() - t0, "head": result.head, "features": features}

@@ -41,17 +41,31 @@ def guidance_cond(model_cfg: ModelConfig, coords: torch.Tensor | None) -> torch.
     return encode_coords(coords, model_cfg.guidance_encoding, model_cfg.guidance_frequencies)
 
 
+def warmup_cosine_lr(step: int, steps: int, warmup_steps: int, peak_lr: float, floor: float = 0.1) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``floor`` x the peak at ``steps``."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(steps - warmup_steps, 1), 1.0)
+    return peak_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def lr_at(step: int, optim: OptimConfig) -> float:
-    """Linear warm-up then cosine decay to 10 % of the peak learning rate."""
-    if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    span = max(optim.steps - optim.warmup_steps, 1)
-    progress = min((step - optim.warmup_steps) / span, 1.0)
-    return optim.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    """Linear warm-up then cosine decay to 10 % of the peak learning rate (``warmup_cosine_lr``)."""
+    return warmup_cosine_lr(step, optim.steps, optim.warmup_steps, optim.lr)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay with warm-up (diffusers' ``EMAModel``): ``min(decay, (1 + step) / (10 + step))``.
+
+    Early updates follow the weights closely, so an EMA read after a short run is not mostly the random
+    initialization (a fixed 0.99 keeps 0.99^150 = 22 % of it after 150 steps). ``step`` counts from 0.
+    """
+    return min(decay, (1 + step) / (10 + step))
 
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * model`` for parameters; buffers are copied."""
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach(), 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):

@@ -1,0 +1,168 @@
+"""Features of a pretrained backbone for the downstream protocols, and the voxel feature bank of frozen heads.
+
+``BackboneFeatures`` runs the backbone on packed inputs (image, guide coordinates, noise) and returns its
+multi-scale decoder activations (DDPM-seg, Baranchuk et al. 2022: the input is noised to small timesteps t
+with a fixed noise draw; several timesteps are concatenated per scale).
+
+A frozen backbone does not change while a head trains, so its features are computed once: ``build_bank``
+runs it on windows of the training volumes (organ-centred, class-balanced, as the training patches) and keeps
+the features of sampled voxels, trilinearly upsampled exactly as the heads upsample them. The heads then
+train on these vectors (``FeatureBank``) in a fraction of a second per step instead of a backbone forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import PretrainConfig
+from pipeline.data.patches import PatchStream, VolumeRef, patch_coords, scale_hu
+from pipeline.diffusion.objective import to_model_range
+from pipeline.diffusion.schedules import DiffusionSchedule, q_sample
+from pipeline.train.step import guidance_cond
+
+
+class BackboneFeatures(nn.Module):
+    """Multi-scale features of a backbone for inputs packed as channels (image, coords, noise).
+
+    forward(packed (B, 1 + 3 + 1, D, H, W)) -> list of (B, C_i * n_timesteps, D/s_i, H/s_i, W/s_i), coarsest
+    first. Packing the noise with the image makes sliding windows see the same noise as the whole volume.
+    ``trainable``: gradients flow into the backbone (finetune); else it is frozen and runs without autograd.
+    The backbone stays in eval mode either way (GroupNorm, no dropout: train and eval compute the same).
+    """
+
+    def __init__(self, backbone: nn.Module, pretrain_cfg: PretrainConfig, timesteps: tuple[int, ...],
+                 trainable: bool = False):
+        super().__init__()
+        self.trainable = trainable
+        self.backbone = backbone.eval().requires_grad_(trainable)
+        self.cfg = pretrain_cfg
+        self.noised = pretrain_cfg.objective in ("diffusion", "none")
+        self.timesteps = tuple(timesteps) if self.noised else (0,)
+        self.schedule = DiffusionSchedule.from_config(pretrain_cfg.diffusion)
+        self.feature_channels = tuple(c * len(self.timesteps) for c in backbone.feature_channels)
+        self.feature_strides = tuple(backbone.feature_strides)
+
+    def train(self, mode: bool = True) -> "BackboneFeatures":
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, packed: torch.Tensor) -> list[torch.Tensor]:
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            image, coords, noise = packed[:, :1], packed[:, 1:4], packed[:, 4:5]
+            x0 = to_model_range(image)
+            cond = guidance_cond(self.cfg.model, coords)
+            per_t = []
+            for t in self.timesteps:
+                tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
+                x_t = q_sample(x0, tt, noise, self.schedule.to(x0.device)) if self.noised and t > 0 else x0
+                _, feats = self.backbone(x_t, tt, cond, return_features=True)
+                per_t.append(feats)
+            return [torch.cat(level, dim=1) for level in zip(*per_t)]
+
+
+def pack_batch(batch: dict[str, np.ndarray], generator: torch.Generator) -> torch.Tensor:
+    """(B, 5, D, H, W): image [0, 1], guide coordinates (3), standard normal noise."""
+    image = torch.from_numpy(batch["image"])
+    coords = torch.from_numpy(batch["coords"])
+    noise = torch.randn(image.shape, generator=generator)
+    return torch.cat([image, coords, noise], dim=1)
+
+
+def pack_volume(ref: VolumeRef, window_hu, seed: int) -> torch.Tensor:
+    """The whole volume packed like ``pack_batch``: (1, 5, D, H, W)."""
+    shape = ref.shape_zyx
+    image = torch.from_numpy(scale_hu(np.asarray(ref.image()), window_hu))[None, None]
+    coords = torch.from_numpy(patch_coords(ref, (0, 0, 0), shape))[None]
+    noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([image, coords, noise], dim=1)
+
+
+def gather_upsampled(features: list[torch.Tensor], size_zyx, points_zyx: torch.Tensor) -> torch.Tensor:
+    """Each feature map trilinearly upsampled to ``size_zyx`` (as ``F.interpolate(..., mode="trilinear",
+    align_corners=False)``), read at ``points_zyx`` only, channels of all maps concatenated.
+
+    features: list of (1, C_i, d_i, h_i, w_i); size_zyx: the full-resolution (D, H, W); points_zyx: (N, 3)
+    integer voxel indices in [0, D) x [0, H) x [0, W). Returns (N, sum C_i) float32. Costs O(N), not O(D H W).
+    """
+    size = torch.tensor(size_zyx, dtype=torch.float32, device=points_zyx.device)
+    # normalized coordinates of voxel centres in grid_sample's (x, y, z) order
+    norm = (2 * (points_zyx.float() + 0.5) / size - 1).flip(-1)
+    grid = norm.view(1, -1, 1, 1, 3)
+    out = []
+    for f in features:
+        sampled = F.grid_sample(f.float(), grid.to(f.device), mode="bilinear", padding_mode="border",
+                                align_corners=False)
+        out.append(sampled.view(f.shape[1], -1).T)
+    return torch.cat(out, dim=1)
+
+
+@dataclass
+class FeatureBank:
+    """Frozen features of sampled training voxels: ``features`` (N, C) float16 (scales concatenated in the
+    order of ``BackboneFeatures.feature_channels``), ``labels`` (N,) int64 (0 background, 1..13)."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``size`` random rows (with replacement): (size, C) float32, (size,) int64."""
+        idx = torch.randint(len(self), (size,), generator=generator)
+        return self.features[idx].float(), self.labels[idx]
+
+    def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and standard deviation (C,) float32, for the heads' input normalization."""
+        x = self.features.float()
+        return x.mean(0), x.std(0)
+
+
+def sample_window_voxels(label_zyx: np.ndarray, mask_zyx: np.ndarray, n_uniform: int, n_per_organ: int,
+                         rng: np.random.Generator) -> np.ndarray:
+    """Flat indices of voxels of one window: ``n_uniform`` drawn uniformly among the body voxels, plus up to
+    ``n_per_organ`` of each organ present (without replacement): the true class mixture, plus every organ
+    seen often enough to be learned. (D, H, W) arrays in, (N,) int64 out."""
+    body = np.flatnonzero(mask_zyx)
+    picks = [rng.choice(body, size=min(n_uniform, len(body)), replace=False)] if len(body) else []
+    flat_label = label_zyx.reshape(-1)
+    for organ in np.unique(flat_label[flat_label > 0]):
+        idx = np.flatnonzero(flat_label == organ)
+        picks.append(rng.choice(idx, size=min(n_per_organ, len(idx)), replace=False))
+    return np.concatenate(picks).astype(np.int64) if picks else np.zeros(0, np.int64)
+
+
+@torch.no_grad()
+def build_bank(features: BackboneFeatures, refs: list[VolumeRef], patch_size_zyx, window_hu,
+               windows_per_volume: int, voxels_uniform: int, voxels_per_organ: int, seed: int,
+               foreground_prob: float = 0.67, batch_size: int = 2) -> FeatureBank:
+    """The feature bank of ``refs``: ``windows_per_volume`` windows per volume (centred on an organ chosen
+    uniformly among those present with probability ``foreground_prob``, else on a body voxel), features of
+    ``sample_window_voxels`` voxels in each. Deterministic in ``seed``."""
+    device = next(features.backbone.parameters()).device
+    stream = PatchStream(refs, patch_size_zyx, window_hu, seed=seed, foreground_prob=foreground_prob)
+    rng = np.random.default_rng([seed, 17])
+    generator = torch.Generator().manual_seed(seed)
+    rows, labels = [], []
+    total = windows_per_volume * len(refs)
+    for step in range((total + batch_size - 1) // batch_size):
+        n = min(batch_size, total - step * batch_size)
+        batch = stream.batch(step, n)
+        feats = features(pack_batch(batch, generator).to(device))
+        for b in range(n):
+            label, mask = batch["label"][b], batch["mask"][b]
+            flat = sample_window_voxels(label, mask, voxels_uniform, voxels_per_organ, rng)
+            if not len(flat):
+                continue
+            points = torch.from_numpy(np.stack(np.unravel_index(flat, label.shape), axis=1)).to(device)
+            rows.append(gather_upsampled([f[b:b + 1] for f in feats], label.shape, points).half().cpu())
+            labels.append(torch.from_numpy(label.reshape(-1)[flat]))
+    if not rows:
+        raise ValueError("the feature bank is empty: no window of the training volumes touched the body")
+    return FeatureBank(torch.cat(rows), torch.cat(labels).long())
