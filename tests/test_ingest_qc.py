@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline.config import PreprocessConfig, UserError
-from pipeline.ingest.manifest import COLUMNS, ROW_FIELDS, empty_row
+from pipeline.ingest.manifest import ROW_FIELDS, empty_row
 from pipeline.ingest.phi import key_for_source, parse_patients_csv, patient_keys
 from pipeline.ingest.report import HU_EDGES, corpus_report, hist_quantile_hu, hu_histogram, scanner_table
 from pipeline.ingest.resume import content_key, load_done, remove_partial_files, write_done

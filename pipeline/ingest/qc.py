@@ -80,11 +80,12 @@ def check_nifti_geometry(source: str, affines: dict[str, np.ndarray], shape_xyz,
     """The geometry sources of a NIfTI header must agree, to within half the smallest voxel at every corner of
     the image; ``source`` names the one the NIfTI rules pick (sform if sform_code > 0, else qform, else
     pixdim; ``pipeline.io.readers.nifti_best_affine``), ``affines`` holds all of them (RAS, 4 x 4) and
-    ``itk_affine`` is what SimpleITK read. With neither sform nor qform the file defines voxel sizes only (NIfTI
-    method 1: no orientation): then only those are compared, and the orientation is SimpleITK's (LPS identity). Rejects a degenerate chosen affine (a zero or non-finite voxel
+    ``itk_affine`` is what SimpleITK read. Rejects a degenerate chosen affine (a zero or non-finite voxel
     axis), a sheared sform, pixdim that disagrees with the sform (e.g. pixdim 0 mm where the sform says
     1.5 mm: ITK would substitute 1 mm), an sform and a qform that disagree, and an ITK reading that differs
-    from the rule. Raises Rejected."""
+    from the rule. With neither sform nor qform the file defines voxel sizes only (NIfTI method 1, no
+    orientation): only those are compared, and the orientation is SimpleITK's (LPS identity). Raises Rejected.
+    """
     chosen = affines[source]
     axes = np.linalg.norm(chosen[:3, :3], axis=0)
     if not np.all(np.isfinite(chosen)) or axes.min() <= 1e-6 or abs(np.linalg.det(chosen[:3, :3])) <= 1e-9:

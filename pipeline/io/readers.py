@@ -1,6 +1,9 @@
-"""Reading CT images (NIfTI, NRRD, MetaImage, DICOM series) with SimpleITK, headers before pixels.
+"""Reading CT images (NIfTI, NRRD, MetaImage, DICOM series) with SimpleITK, headers before pixels, and the
+NIfTI header itself (geometry by the NIfTI rules, stored bytes, NaN/Inf) from its raw bytes.
 
-Everything returned is ITK's LPS physical space; array order conversions happen at the callers.
+Everything SimpleITK returns is ITK's LPS physical space; NIfTI affines are RAS; array order conversions
+happen at the callers. The preprocess job reads DICOM folders through ``pipeline.io.dicom`` (one header pass);
+``read_header`` / ``read_image`` on a folder list it with GDCM.
 """
 
 from __future__ import annotations
@@ -13,20 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-
-#: DICOM tags read by ``read_dicom_tags``: name -> "group|element"
-DICOM_TAGS: dict[str, str] = {
-    "Modality": "0008|0060",
-    "Manufacturer": "0008|0070",
-    "ManufacturerModelName": "0008|1090",
-    "ConvolutionKernel": "0018|1210",
-    "SliceThickness": "0018|0050",
-    "KVP": "0018|0060",
-    "ContrastBolusAgent": "0018|0010",
-    "ImageType": "0008|0008",
-    "PatientID": "0010|0020",
-}
-#: the only patient-identifying tag ever read: it is hashed into ``patient_key`` at once and never stored
 
 
 def dicom_files(path: str | Path, series_uid: str | None = None) -> list[str]:
@@ -89,18 +78,6 @@ def read_image(path: str | Path, series_uid: str | None = None, files: list[str]
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(_series_files(path, series_uid, files))
     return reader.Execute()
-
-
-def read_dicom_tags(path: str | Path, series_uid: str | None = None,
-                    files: list[str] | None = None) -> dict[str, str | None]:
-    """``DICOM_TAGS`` of the first slice of a series (or of one file): name -> stripped string or None."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(_series_files(Path(path), series_uid, files)[0])
-    reader.LoadPrivateTagsOff()
-    reader.ReadImageInformation()
-    keys = set(reader.GetMetaDataKeys())
-    return {name: (reader.GetMetaData(tag).strip() or None) if tag in keys else None
-            for name, tag in DICOM_TAGS.items()}
 
 
 # NIfTI datatype codes of float voxels -> numpy dtype (little endian; swapped for big-endian files)
