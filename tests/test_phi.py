@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from dicom_factory import write_ct_slice
 from pipeline.synth.phantom import make_phantom
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1500)]
 ROOT = Path(__file__).resolve().parents[1]
 NIFTI_CASE, DICOM_CASE, OTHER_CASE = "DOE_JOHN_MRN-4455", "SMITH_ANNA_MRN-7788", "ROE_RICHARD_MRN-1234"
 TAGS = {"PatientName": "SMITH^ANNA", "PatientID": "MRN-7788-PHI", "InstitutionName": "SAINT PHI HOSPITAL",
@@ -68,7 +68,7 @@ def _corpus(inp: Path) -> None:
 
 def _cli(args: list[str], env: dict, log: list) -> subprocess.CompletedProcess:
     run = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
+                         timeout=1200)
     log.append(run)
     return run
 
@@ -106,8 +106,9 @@ def test_no_identifier_reaches_outputs_mlflow_logs_or_the_terminal(tmp_path):
                     env, runs)
         assert rand.returncode == 0, rand.stderr[-3000:]
         run_id = re.search(r"pretrain run (\w+) finished", rand.stdout).group(1)
-        ev = _cli(["jobs.evaluate", "--data", str(out), "--pretrain-run-id", run_id, "--set", "head_steps=3",
-                   "--set", "compare_random_init=false", "--set", "overlays=1", "--set", "num_cpus=2"], env, runs)
+        ev = _cli(["jobs.evaluate", "--data", str(out), "--pretrain-run-id", run_id, "--set", "head.steps=3",
+                   "--set", "head.windows_per_volume=2", "--set", "ceiling=null", "--set", "compare_random_init=false",
+                   "--set", "overlays=1", "--set", "num_cpus=2"], env, runs)
         assert ev.returncode == 0, ev.stderr[-3000:]
 
         private = out / "private"
