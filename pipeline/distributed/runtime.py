@@ -5,8 +5,9 @@ even when a cluster started with ``ray start`` runs on this machine (or a stale 
 one that died is left in Ray's temp folder); it says so in one line. ``RAY_ADDRESS`` (set by ``ray job submit``,
 or by hand: ``host:port``, ``auto``, ``ray://...``) joins that cluster; a cluster that cannot be reached is a
 one-line error. Either way the terminal shows the job's own lines, Ray's warnings about the job (errors) and
-Ray Data's progress bar (in a terminal): Ray workers' output, Ray Data's plan and progress log blocks and Ray
-Train's controller chatter stay in Ray's log folder (``<temp dir>/ray/session_latest/logs``).
+a progress bar where the job draws one (``progress_bar``, in an interactive terminal): Ray workers' output,
+Ray Data's plan, progress bars and progress log blocks and Ray Train's controller chatter stay in Ray's log
+folder (``<temp dir>/ray/session_latest/logs``).
 ``ANATDIFF_RAY_LOGS=1`` forwards them to the terminal again, for debugging.
 """
 
@@ -91,16 +92,34 @@ def _join_cluster(address: str, options: dict) -> None:
                         "and token (~/.ray/auth_token), or unset RAY_ADDRESS to run on a local Ray instance") from None
 
 
+class _DropProgressNotice(logging.Filter):
+    """Ray Data's one-line notice that its own progress bars are off (the jobs draw their own)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("Progress bars disabled")
+
+
 def _quiet_ray_data() -> None:
-    """Ray Data's console handler at WARNING: its plan / progress log blocks go to ``ray-data.log`` only (its
-    tqdm progress bar in a terminal is unaffected)."""
-    import ray.data  # noqa: F401 - configures the 'ray.data' logger on import
+    """Ray Data's console handler at WARNING (its plan / progress log blocks go to ``ray-data.log`` only) and
+    its own progress bars off (a job that wants one draws it: ``progress_bar``)."""
+    import ray.data
 
     from ray._private.log import PlainRayHandler
 
+    ray.data.DataContext.get_current().enable_progress_bars = _verbose()
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, PlainRayHandler):
             handler.setLevel(logging.INFO if _verbose() else logging.WARNING)
+            handler.addFilter(_DropProgressNotice())
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True):
+    """A tqdm bar on stderr, drawn only in an interactive terminal (and when ``enabled``); use as a context
+    manager and ``update(n)``."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                disable=not (enabled and sys.stderr.isatty()))
 
 
 def init_ray(num_cpus: int | None = None) -> None:
