@@ -111,6 +111,10 @@ class PreprocessConfig(StrictModel):
     body_threshold_hu: float = Field(-500.0, description="body mask threshold")
     max_voxels: int = Field(1_200_000_000, ge=1, description="reject headers claiming more voxels")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance (None = all)")
+    readable_ids: bool = Field(
+        False, description="opt in: item ids keep the file/folder name and the manifest lists input paths "
+        "(public data only: exports are often named after the patient); default: keyed-hash ids, paths only in "
+        "OUT/private/")
     tracking: TrackingConfig = TrackingConfig()
     log_to_mlflow: bool = Field(True, description="record the run (counts, params) in MLflow")
 
