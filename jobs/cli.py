@@ -6,8 +6,8 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("jobs.demo", "synth -> preprocess -> train-guide -> pretrain -> evaluate -> compare, "
-                          "local Ray + MLflow (~7 min)"),
+    "demo": ("jobs.demo", "synth -> preprocess -> train-guide -> pretrain -> evaluate -> train-segmenter -> "
+                          "predict, local Ray + MLflow (~15 min on 2 cores)"),
     "synth": ("jobs.synth", "write a synthetic CT phantom corpus (NIfTI or DICOM, optional labels)"),
     "preprocess": ("jobs.preprocess", "Ray Data: CT corpus -> canonical resampled volumes + manifest"),
     "train-guide": ("jobs.train_guide", "Ray Train: the self-supervised body-coordinate guide, scored"),
