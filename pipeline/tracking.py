@@ -7,6 +7,9 @@ so that Ray workers, whose working directory differs, write to the same store.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -41,6 +44,8 @@ def connect(uri: str | None = None, timeout_s: float = 10.0) -> str:
     """Point mlflow at the store and check it answers; raise UserError quickly if it does not."""
     import mlflow
 
+    # MLflow sets its logger to INFO on import: "Creating initial MLflow database tables..." is not the job's
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     uri = resolve_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -284,16 +289,40 @@ def metric_values(uri: str, run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
 
 
-def log_segmenter_model(uri: str, run_id: str, segmenter, folder: str | Path, registered_name: str | None,
-                        alias: str) -> tuple[str, int | None]:
-    """Log ``segmenter`` (a torch module) as an ``mlflow.pytorch`` model named ``model`` of ``run_id``, with a
-    signature ((Z, Y, X) HU in, (Z, Y, X) uint8 labels out), the plain segmenter files of ``folder`` as extra
-    files and the ``pipeline`` package as code; register it as ``registered_name`` with ``alias``.
+def log_torch_model(uri: str, run_id: str, module, name: str, files: list[str], registered_name: str | None,
+                    alias: str, signature=None) -> tuple[str, int | None]:
+    """Log ``module`` as an ``mlflow.pytorch`` model ``name`` of ``run_id`` (pickled, with the ``pipeline``
+    package as code and ``files`` as extra files); register it as ``registered_name`` with ``alias``.
 
     ``mlflow.pytorch.load_model`` and ``mlflow.pyfunc.load_model`` unpickle it (they run code: load models only
-    from stores you trust); `anatdiff predict` reads the plain files instead. Returns (model URI, version).
+    from stores you trust); anatdiff's own loaders read the plain files instead. Returns (model URI, version).
     """
     import mlflow
+
+    package = Path(__file__).resolve().parent
+    mlflow.set_tracking_uri(uri)
+    # the pickle caveat is in this docstring and docs/predict.md; MLflow's own lines would bury the job's
+    pytorch_log = logging.getLogger("mlflow.pytorch")
+    level, pytorch_log.level = pytorch_log.level, logging.ERROR
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(module, name=name, signature=signature, extra_files=files,
+                                            code_paths=[str(package)], serialization_format="pickle",
+                                            pip_requirements=[])
+    finally:
+        pytorch_log.setLevel(level)
+    if not registered_name:
+        return info.model_uri, None
+    with contextlib.redirect_stderr(io.StringIO()):  # "Successfully registered model ..." lines
+        version = mlflow.register_model(info.model_uri, registered_name)
+    mlflow.MlflowClient(uri).set_registered_model_alias(registered_name, alias, version.version)
+    return f"models:/{registered_name}@{alias}", int(version.version)
+
+
+def log_segmenter_model(uri: str, run_id: str, segmenter, folder: str | Path, registered_name: str | None,
+                        alias: str) -> tuple[str, int | None]:
+    """``log_torch_model`` of a segmenter as ``model``, with a signature ((Z, Y, X) HU in, (Z, Y, X) uint8
+    labels out) and the plain segmenter files of ``folder`` (what `anatdiff predict` reads) as extra files."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
@@ -301,18 +330,8 @@ def log_segmenter_model(uri: str, run_id: str, segmenter, folder: str | Path, re
     # unnamed tensors: a named input makes pyfunc pass {name: array}, which the PyTorch flavour refuses
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
                                outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]))
-    package = Path(__file__).resolve().parent
     files = [str(f) for f in sorted(Path(folder).iterdir()) if f.is_file()]
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(segmenter, name="model", signature=signature, extra_files=files,
-                                        code_paths=[str(package)], serialization_format="pickle",
-                                        pip_requirements=[])
-    if not registered_name:
-        return info.model_uri, None
-    version = mlflow.register_model(info.model_uri, registered_name)
-    mlflow.MlflowClient(uri).set_registered_model_alias(registered_name, alias, version.version)
-    return f"models:/{registered_name}@{alias}", int(version.version)
+    return log_torch_model(uri, run_id, segmenter, "model", files, registered_name, alias, signature)
 
 
 def download_model(model_uri: str, dst: str | Path, tracking_uri: str | None = None) -> Path:

@@ -1,12 +1,15 @@
 """End to end on a local Ray instance: synth -> preprocess (Ray Data) -> pretrain (Ray Train, 2 CPU workers)
 -> evaluate, then the Dice read back from MLflow. Tiny phantoms (6 mm) and a few steps."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from pipeline.config import EvaluateConfig, PreprocessConfig, PretrainConfig, SynthConfig, load_config
 from pipeline.labels import ORGANS
@@ -71,6 +74,18 @@ def test_pretrain_then_evaluate_logs_dice(corpus):
     steps = [m.step for m in client.get_metric_history(pre["run_id"], "loss")]
     assert steps == [2, 4]
     assert run.data.params["model.guidance"] == "bodybox"
+    # the registered backbone has an MLflow flavour: a fresh process loads the module with the final weights
+    script = ("import sys, mlflow, torch; mlflow.set_tracking_uri(sys.argv[1]); "
+              "m = mlflow.pytorch.load_model('models:/anatdiff-backbone@final'); "
+              "sd = torch.load(sys.argv[2], map_location='cpu', weights_only=True); "
+              "print('SAME', all(torch.equal(v, m.state_dict()[k]) for k, v in sd.items()))")
+    local = mlflow.artifacts.download_artifacts(f"runs:/{pre['run_id']}/model/model.pt", tracking_uri=uri,
+                                                dst_path=str(root / "dl"))
+    weights = root / "final_weights.pt"
+    torch.save(torch.load(local, map_location="cpu", weights_only=False)["state_dict"], weights)
+    done = subprocess.run([sys.executable, "-c", script, uri, str(weights)], capture_output=True, text=True,
+                          timeout=240, cwd=root)
+    assert "SAME True" in done.stdout, done.stderr[-2000:]
 
     ev = load_config(EvaluateConfig, "evaluate-tiny", {
         "data": corpus["labeled"][0], "pretrain_run_id": pre["run_id"],

@@ -18,6 +18,7 @@ from pipeline import tracking
 from pipeline.config import GuideConfig, UserError, dump_config
 from pipeline.data.patches import load_volume_refs
 from pipeline.distributed import trainer
+from pipeline.distributed.runtime import job_line
 from pipeline.guide.crops import sample_crop_pair
 from pipeline.guide.inference import load_guide, save_guide
 from pipeline.guide.model import build_guide
@@ -64,7 +65,7 @@ def train_loop_per_worker(config: dict) -> None:
     ddp = trainer.prepare_model(model)
     refs = load_volume_refs(config["data_dir"])
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    t_log = time.perf_counter()
+    t_log = t_start = t_line = time.perf_counter()
     for step in range(start, cfg.optim.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.optim)
@@ -77,6 +78,11 @@ def train_loop_per_worker(config: dict) -> None:
             info["steps_per_s"] = cfg.log_every / (time.perf_counter() - t_log)
             tracking.log_metrics(uri, run_id, info, step=done)
             t_log = time.perf_counter()
+            if t_log - t_line >= 20 or done == cfg.optim.steps:  # one terminal line per ~20 s
+                rate = (done - start) / (t_log - t_start)
+                job_line(f"guide step {done}/{cfg.optim.steps} loss {info['loss']:.4f} {rate:.2f} steps/s "
+                         f"ETA {(cfg.optim.steps - done) / max(rate, 1e-9) / 60:.1f} min")
+                t_line = t_log
         if done % cfg.checkpoint_every == 0 or done == cfg.optim.steps:
             trainer.report(rank, {"step": done, "loss": info["loss"]}, lambda d: save(d, done))
 
