@@ -468,6 +468,7 @@ class DemoConfig(StrictModel):
     n_unlabeled: int = Field(48, ge=2, description="phantoms in the unlabelled corpus (guide and pretraining)")
     n_labeled: int = Field(9, ge=3, description="labelled phantoms for the downstream evaluation")
     n_probe: int = Field(3, ge=0, description="extra labelled phantoms for the online probe during pretraining "
+                                              "(n - 1 fit its head, 1 is scored; 0 or >= 2) "
                                               "(never the evaluation's); 0: no probe")
     seed: int = 0
     target_spacing_zyx_mm: ZYX = Field((3.0, 3.0, 3.0), description="preprocess spacing (z, y, x) mm")
@@ -486,6 +487,13 @@ class DemoConfig(StrictModel):
     evaluate: dict[str, Any] = Field(default_factory=dict, description="overrides of the evaluate preset")
     segmenter: dict[str, Any] = Field(default_factory=dict, description="overrides of the segmenter preset")
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "DemoConfig":
+        if self.n_probe == 1:
+            raise ValueError("n_probe must be 0 (no online probe) or >= 2 (n - 1 phantoms fit the probe's head, "
+                             "1 is scored)")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------- loading

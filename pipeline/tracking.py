@@ -70,6 +70,27 @@ def ensure_experiment(name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=_artifact_root_for(uri))
 
 
+#: values that are URIs of MLflow objects or servers, not of data
+_NOT_A_PATH = ("runs:/", "models:/", "http://", "https://", "mlflow-artifacts:")
+#: config fields (last part of a flattened param name) and tags whose values are paths or data URIs
+PATH_FIELDS = frozenset({"data", "input", "output", "out", "storage_path", "checkpoint", "test_data", "bank_cache",
+                         "workdir", "eval_data", "real_data", "guide_checkpoint", "coords_dir", "real_ct",
+                         "tracking_uri", "model"})
+PATH_TAGS = frozenset({"anatdiff.data", "anatdiff.checkpoint", "anatdiff.run_key", "anatdiff.guide"})
+
+
+def public_value(value: Any) -> str:
+    """``value`` as text, with a local path or a data URI (``s3://``, ``gs://``) replaced by ``path-`` + 12 hex
+    of its SHA-256: folder and file names are often a patient's name or accession number, and nothing derived
+    from them may reach MLflow. The digest still tells two runs on the same folder apart."""
+    import hashlib
+
+    text = str(value)
+    if ("/" in text or "\\" in text) and not text.startswith(_NOT_A_PATH):
+        return "path-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+    return text
+
+
 def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None,
               resume_tag: tuple[str, str] | None = None) -> str:
     """Create a run (or reuse the unfinished one carrying ``resume_tag``) and return its id."""
@@ -78,27 +99,29 @@ def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str] 
     client = mlflow.MlflowClient(uri)
     exp_id = ensure_experiment(experiment, uri)
     if resume_tag is not None:
-        key, value = resume_tag
+        key, value = resume_tag[0], public_value(resume_tag[1])
         found = client.search_runs([exp_id], filter_string=f"tags.`{key}` = '{value}'",
                                    order_by=["attributes.start_time DESC"], max_results=1)
         if found and found[0].info.status != "FINISHED":
             client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
-    all_tags = dict(tags or {})
+    all_tags = {k: public_value(v) if k in PATH_TAGS else str(v) for k, v in (tags or {}).items()}
     if resume_tag is not None:
-        all_tags[resume_tag[0]] = resume_tag[1]
+        all_tags[resume_tag[0]] = public_value(resume_tag[1])
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     return run.info.run_id
 
 
 def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
-    """Flattened params (``a.b = value``); values already logged with the same value are skipped."""
+    """Flattened params (``a.b = value``; values of ``PATH_FIELDS`` replaced by ``public_value``); params
+    already logged are skipped."""
     import mlflow
     from mlflow.entities import Param
 
     client = mlflow.MlflowClient(uri)
     existing = client.get_run(run_id).data.params
-    items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items() if k not in existing]
+    items = [Param(k, (public_value(v) if k.rsplit(".", 1)[-1] in PATH_FIELDS else str(v))[:6000])
+             for k, v in flatten(params).items() if k not in existing]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100])
 
@@ -118,7 +141,7 @@ def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
 
     client = mlflow.MlflowClient(uri)
     for k, v in tags.items():
-        client.set_tag(run_id, k, str(v))
+        client.set_tag(run_id, k, public_value(v) if k in PATH_TAGS else str(v))
 
 
 def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:

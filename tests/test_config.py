@@ -65,3 +65,8 @@ def test_segmenter_alias_latest_is_refused_with_the_fix():
 
     with pytest.raises(UserError, match="reserved by the MLflow registry"):
         load_config(SegmenterConfig, None, {"data": ["x"], "alias": "latest"})
+
+
+def test_demo_probe_needs_two_phantoms_or_none():
+    with pytest.raises(UserError, match="n_probe"):
+        load_config(DemoConfig, None, {"n_probe": 1})
