@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=["holdout", "kfold"], help="patient-level holdout or k-fold CV")
     p.add_argument("--folds", type=int, help="number of folds (implies --split kfold)")
     p.add_argument("--train-cases", type=int, help="training patients per fold (label-efficiency curves)")
+    p.add_argument("--test-data", help="score on this other labelled dataset (train on every case of --data)")
     args = p.parse_args(argv)
 
     def run() -> int:
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         split = args.split or ("kfold" if args.folds is not None else None)
         cfg = resolve(EvaluateConfig, args, {
             "data": args.data, "pretrain_run_id": args.pretrain_run_id, "checkpoint": args.checkpoint,
-            "protocol": args.protocol, "split": split, "folds": args.folds, "train_cases": args.train_cases})
+            "protocol": args.protocol, "split": split, "folds": args.folds, "train_cases": args.train_cases,
+            "test_data": args.test_data})
         out = run_evaluate(cfg)
         print(out["table"])
         print(f"evaluate run {out['run_id']} logged to {out['tracking_uri']}")

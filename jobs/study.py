@@ -1,7 +1,10 @@
-"""`anatdiff study`: pretrain random-init, restorative, unguided and guided diffusion on one phantom corpus
-with one budget, evaluate each with the linear, nonlinear and finetune protocols (k-fold), and compare.
+"""`anatdiff study`: pretrain random-init, restorative, contrastive, unguided and guided diffusion (body box,
+learned guide) on one phantom corpus with one budget, evaluate each with the linear, nonlinear and finetune
+protocols at several label budgets (k-fold), add the supervised ceiling, and compare.
 
-`--preset phantom-small` is the benchmark that fits 90 minutes on 2 CPU cores (see docs/evaluation.md).
+`--preset phantom-small` is the CPU benchmark (within 2 hours on 2 cores, docs/evaluation.md). The last line
+printed is one JSON object: {"wall_s", "ceiling": {"mean", "std"}, "rows": [{"protocol", "variant",
+"train_cases", "mean", "std"}, ...]}.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve(StudyConfig, args, {"workdir": args.workdir})
         out = run_study(cfg)
         print(out["compare"]["markdown"])
+        print(out["table"])
         print("seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in out["seconds"].items()))
+        print(out["json"])   # last line: one JSON object, to track results across commits
         return 0
 
     return guarded("study", run)

@@ -1,9 +1,9 @@
 """`anatdiff train-segmenter`: train the downstream segmenter on ALL labelled cases (several folders may be
 combined, e.g. phantoms and real scans), save it with its preprocessing conventions and model card, log it to
-MLflow as an `mlflow.pytorch` model and register it (`anatdiff-segmenter`, alias `latest`).
+MLflow as an `mlflow.pytorch` model and register it (`anatdiff-segmenter`, alias `current`).
 
 Score a segmenter with `anatdiff evaluate` (k-fold or --test-data); run it on new scans with `anatdiff predict
---model models:/anatdiff-segmenter@latest --input SCAN --output DIR`.
+--model models:/anatdiff-segmenter@current --input SCAN --output DIR`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-run-id", help="MLflow run id of the pretrain job")
     p.add_argument("--checkpoint", help="or a model.pt path / checkpoint folder")
     p.add_argument("--protocol", choices=["nonlinear", "linear", "finetune"], help="what trains")
-    p.add_argument("--alias", help="registry alias (default latest)")
+    p.add_argument("--alias", help="registry alias (default current)")
     args = p.parse_args(argv)
 
     def run() -> int:

@@ -111,6 +111,10 @@ class PreprocessConfig(StrictModel):
     body_threshold_hu: float = Field(-500.0, description="body mask threshold")
     max_voxels: int = Field(1_200_000_000, ge=1, description="reject headers claiming more voxels")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance (None = all)")
+    readable_ids: bool = Field(
+        False, description="opt in: item ids keep the file/folder name and the manifest lists input paths "
+        "(public data only: exports are often named after the patient); default: keyed-hash ids, paths only in "
+        "OUT/private/")
     tracking: TrackingConfig = TrackingConfig()
     log_to_mlflow: bool = Field(True, description="record the run (counts, params) in MLflow")
 
@@ -152,7 +156,7 @@ class ProbeConfig(StrictModel):
     score_cases: int = Field(1, ge=1, description="volumes scored (the next ones by item id)")
     windows_per_volume: int = Field(8, ge=1, description="feature-bank windows per fitted volume")
     head_steps: int = Field(300, ge=1, description="linear head steps")
-    timestep: int = Field(50, ge=0, description="diffusion timestep of the features")
+    timestep: int = Field(0, ge=0, description="diffusion timestep of the features")
 
 
 class PretrainConfig(StrictModel):
@@ -352,9 +356,13 @@ class EvaluateConfig(StrictModel):
     checkpoint: str | None = Field(None, description="or a model.pt path (wins over pretrain_run_id)")
     protocol: Literal["nonlinear", "linear", "finetune"] = Field(
         "nonlinear", description="linear / nonlinear head on frozen features, or finetune (all weights train)")
-    feature_timesteps: tuple[int, ...] = Field((50,), description="diffusion timesteps features are taken at")
+    feature_timesteps: tuple[int, ...] = Field((0,), description="diffusion timesteps features are taken at "
+                                                "(0: the clean image; chosen on validation phantoms)")
     split: Literal["holdout", "kfold"] = Field(
         "holdout", description="holdout: one patient-level split (test_fraction); kfold: cross-validation")
+    test_data: str | None = Field(
+        None, description="another preprocessed labelled folder to test on (cross-dataset): every case of "
+                          "'data' trains (less val_cases), every case of test_data is tested; split is ignored")
     folds: int = Field(5, ge=2, description="kfold: number of folds (KFold over patients, shuffled)")
     fold_seed: int = Field(42, description="kfold: KFold random_state (42 as vox2vec)")
     val_cases: int = Field(1, ge=0, description="validation patients per fold (taken from the non-test)")
@@ -374,6 +382,9 @@ class EvaluateConfig(StrictModel):
     sw_overlap: float = Field(0.25, ge=0, lt=1, description="sliding-window overlap")
     hd95: bool = Field(False, description="also compute the 95th-percentile Hausdorff distance (mm) per organ")
     overlays: int = Field(2, ge=0, description="prediction overlay PNGs logged (test cases of the first fold)")
+    bank_cache: str | None = Field(
+        None, description="folder keeping frozen-feature bank rows per volume and backbone, reused across folds, "
+                          "protocols and label budgets (the study sets it); None: recomputed each time")
     compare_random_init: bool = Field(True, description="also evaluate the same protocol on random weights")
     gpus_per_task: float = Field(0.0, ge=0, description="GPUs each fold task reserves (0 on CPU machines)")
     seed: int = 0
@@ -396,7 +407,8 @@ class SegmenterConfig(StrictModel):
     checkpoint: str | None = Field(None, description="or a model.pt path (wins over pretrain_run_id)")
     protocol: Literal["nonlinear", "linear", "finetune"] = Field(
         "nonlinear", description="head on frozen features, or finetune (all weights train)")
-    feature_timesteps: tuple[int, ...] = Field((50,), description="diffusion timesteps features are taken at")
+    feature_timesteps: tuple[int, ...] = Field((0,), description="diffusion timesteps features are taken at "
+                                                "(0: the clean image; chosen on validation phantoms)")
     head: FrozenHeadConfig = FrozenHeadConfig()
     finetune: NetworkTrainConfig = NetworkTrainConfig(backbone_lr_scale=0.1)
     loss: Literal["bce_dice", "dice_ce"] = "dice_ce"
@@ -404,12 +416,20 @@ class SegmenterConfig(StrictModel):
     patch_size_zyx: ZYXInt | None = Field(None, description="default: the pretrain patch size")
     sw_overlap: float = Field(0.25, ge=0, lt=1)
     registered_model: str | None = Field("anatdiff-segmenter", description="MLflow registered model; None: skip")
-    alias: str = Field("latest", description="registry alias pointed at the new version")
+    alias: str = Field("current", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$",
+                       description="registry alias pointed at the new version ('latest' is reserved by MLflow)")
     gpus: float = Field(0.0, ge=0, description="GPUs of the training task (0 on CPU machines)")
     cpus: float = Field(1.0, gt=0, description="CPUs of the training task (its torch threads)")
     seed: int = 0
     num_cpus: int | None = Field(None, ge=1)
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "SegmenterConfig":
+        if self.alias.lower() == "latest":
+            raise ValueError("alias 'latest' is reserved by the MLflow registry (models:/name/latest is the newest "
+                             "version already); pick another alias, e.g. 'current' or 'candidate'")
+        return self
 
     def evaluate_config(self) -> "EvaluateConfig":
         """The training settings as the ``EvaluateConfig`` the downstream functions take."""
@@ -477,7 +497,7 @@ class PredictConfig(StrictModel):
         return self
 
 
-STUDY_VARIANTS = ("random_init", "restorative", "contrastive", "unguided", "guided")
+STUDY_VARIANTS = ("random_init", "restorative", "contrastive", "unguided", "guided_bodybox", "guided_learned")
 
 
 class StudyConfig(StrictModel):
@@ -486,12 +506,16 @@ class StudyConfig(StrictModel):
     n_labeled: int = Field(10, ge=3, description="labelled phantoms for the downstream evaluation")
     seed: int = 0
     target_spacing_zyx_mm: ZYX = Field((3.0, 3.0, 3.0), description="preprocess spacing (z, y, x) mm")
-    variants: tuple[Literal["random_init", "restorative", "contrastive", "unguided", "guided"], ...] = Field(
+    variants: tuple[Literal["random_init", "restorative", "contrastive", "unguided", "guided_bodybox",
+                            "guided_learned"], ...] = Field(
         STUDY_VARIANTS, min_length=1, description="pretraining variants, all with the same budget")
-    guided_guidance: Literal["learned", "bodybox"] = Field(
-        "learned", description="guidance of the 'guided' variant (learned: a guide is trained first)")
     protocols: tuple[Literal["nonlinear", "linear", "finetune"], ...] = Field(
         ("linear", "nonlinear", "finetune"), min_length=1, description="evaluation protocols")
+    train_cases: tuple[int | Literal["all"], ...] = Field(
+        (1, 2, "all"), min_length=1, description="training patients per fold (label-efficiency curve); 'all'")
+    ceiling: dict[str, Any] | None = Field(
+        default_factory=dict, description="the supervised ceiling: overrides of the evaluate preset's finetune "
+                                          "settings for the random-init network, all weights (None: no ceiling)")
     guide_preset: str = Field("guide-tiny", description="train-guide preset or YAML file")
     pretrain_preset: str = Field("pretrain-tiny", description="pretrain preset or YAML file (one budget)")
     evaluate_preset: str = Field("evaluate-kfold-tiny", description="evaluate preset or YAML file")
@@ -506,17 +530,24 @@ class DemoConfig(StrictModel):
     workdir: str = Field("anatdiff-demo", description="where the corpus, volumes and checkpoints go")
     n_unlabeled: int = Field(48, ge=2, description="phantoms in the unlabelled corpus (guide and pretraining)")
     n_labeled: int = Field(9, ge=3, description="labelled phantoms for the downstream evaluation")
+    n_probe: int = Field(3, ge=0, description="extra labelled phantoms for the online probe during pretraining "
+                                              "(never the evaluation's); 0: no probe")
     seed: int = 0
     target_spacing_zyx_mm: ZYX = Field((3.0, 3.0, 3.0), description="preprocess spacing (z, y, x) mm")
     guidance: Literal["none", "bodybox", "learned"] = Field(
         "learned", description="learned: train the coordinate guide first, then pretrain guided by it")
-    real_ct: str | None = Field("tests/data/real-ct", description="real CT for the guide's sanity check")
+    real_ct: str | None = Field("tests/data/real-ct", description="real CT: the guide's check, the segmenter's "
+                                                                 "real training case and the scans predicted")
     guide_preset: str = Field("guide-tiny", description="train-guide preset or YAML file")
     guide: dict[str, Any] = Field(default_factory=dict, description="overrides of the guide preset")
     pretrain_preset: str = Field("pretrain-tiny", description="pretrain preset or YAML file")
     evaluate_preset: str = Field("evaluate-tiny", description="evaluate preset or YAML file")
+    segmenter_preset: str | None = Field(
+        "segmenter-tiny", description="train-segmenter preset (all labelled data, registered, then predict on "
+                                      "the real scans); None: skip those stages")
     pretrain: dict[str, Any] = Field(default_factory=dict, description="overrides of the pretrain preset")
     evaluate: dict[str, Any] = Field(default_factory=dict, description="overrides of the evaluate preset")
+    segmenter: dict[str, Any] = Field(default_factory=dict, description="overrides of the segmenter preset")
     tracking: TrackingConfig = TrackingConfig()
 
 

@@ -8,7 +8,7 @@ from pipeline.config import (CONFIG_DIR, DemoConfig, GuideConfig, EvaluateConfig
                              UserError, load_config, parse_set_overrides)
 
 REQUIRED = {"pretrain": {"data": "x"}, "guide": {"data": "x"}, "evaluate": {"data": "x"}, "preprocess": {"input": "a", "output": "b"},
-            "demo": {}}
+            "demo": {}, "segmenter": {"data": ["x"]}}
 MODELS = {"pretrain": PretrainConfig, "guide": GuideConfig, "evaluate": EvaluateConfig, "preprocess": PreprocessConfig,
           "demo": DemoConfig}
 
@@ -58,3 +58,10 @@ def test_set_overrides_are_typed():
         "optim": {"steps": 10}, "model": {"guidance": "none"}, "x": [1, 2]}
     with pytest.raises(UserError, match="key=value"):
         parse_set_overrides(["optim.steps"])
+
+
+def test_segmenter_alias_latest_is_refused_with_the_fix():
+    from pipeline.config import SegmenterConfig
+
+    with pytest.raises(UserError, match="reserved by the MLflow registry"):
+        load_config(SegmenterConfig, None, {"data": ["x"], "alias": "latest"})

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import PretrainConfig, ProbeConfig
-from pipeline.evaluation.features import (BackboneFeatures, build_bank, gather_upsampled, sample_window_voxels)
+from pipeline.evaluation.features import (BackboneFeatures, BankSpec, build_bank, gather_upsampled,
+                                         sample_window_voxels)
 from pipeline.evaluation.heads import build_head
 from tests.conftest import write_tiny_corpus
 
@@ -68,20 +69,34 @@ def _tiny_backbone(tmp_path):
     return load_pretrained(tmp_path / "model.pt")
 
 
-def test_bank_is_deterministic_and_labelled(tmp_path):
+def test_bank_is_deterministic_per_volume_and_cached(tmp_path):
     from pipeline.data.patches import load_volume_refs
 
     data = write_tiny_corpus(tmp_path / "data", n=2)
     refs = load_volume_refs(data, require_labels=True)
     backbone, pcfg = _tiny_backbone(tmp_path)
     feats = BackboneFeatures(backbone, pcfg, (0, 50))
-    kw = dict(windows_per_volume=3, voxels_uniform=20, voxels_per_organ=4, seed=5)
-    a = build_bank(feats, refs, (8, 8, 8), (-1000, 1000), **kw)
-    b = build_bank(feats, refs, (8, 8, 8), (-1000, 1000), **kw)
+    spec = BankSpec((8, 8, 8), (-1000, 1000), windows_per_volume=3, voxels_uniform=20, voxels_per_organ=4,
+                    foreground_prob=0.67, jitter=0.25, seed=5)
+    a = build_bank(feats, refs, spec)
     assert a.features.shape[1] == sum(feats.feature_channels) == 2 * (16 + 8 + 8)
     assert a.features.dtype == torch.float16 and len(a) == len(a.labels) > 0
-    assert torch.equal(a.features, b.features) and torch.equal(a.labels, b.labels)
     assert (a.labels > 0).any() and (a.labels == 0).any()
+    # a volume's rows do not depend on the other volumes of the fold (folds share them)
+    alone = build_bank(feats, refs[1:], spec)
+    assert torch.equal(a.features[-len(alone):], alone.features)
+    cached = build_bank(feats, refs, spec, cache_dir=tmp_path / "cache")
+    files = list((tmp_path / "cache").glob("*/*.npz"))
+    assert len(files) == 2 and torch.equal(cached.features, a.features)
+    files[0].write_bytes(b"")                                              # the cache is what is read back
+    with pytest.raises(Exception):
+        build_bank(feats, refs, spec, cache_dir=tmp_path / "cache")
+    (tmp_path / "other").mkdir()
+    other = BackboneFeatures(_tiny_backbone(tmp_path / "other")[0], pcfg, (0, 50))
+    with torch.no_grad():
+        next(other.backbone.parameters()).add_(1.0)                       # other weights: another key
+    build_bank(other, refs, spec, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 2
     mean, std = a.channel_stats()
     assert mean.shape == std.shape == (a.features.shape[1],)
 

@@ -56,7 +56,7 @@ def setup(tmp_path_factory):
     folders = {}
     for name, source in (("phantoms", synth.out), ("btcv", str(REAL))):
         pp = PreprocessConfig(input=source, output=str(root / "pp" / name), target_spacing_zyx_mm=(6.0, 6.0, 6.0),
-                              tracking={"tracking_uri": uri}, log_to_mlflow=False)
+                              tracking={"tracking_uri": uri}, log_to_mlflow=False, readable_ids=True)
         run_preprocess(pp)
         folders[name] = Path(pp.output)
     btcv = pd.read_parquet(folders["btcv"] / "manifest.parquet")

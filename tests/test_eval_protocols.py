@@ -212,3 +212,22 @@ def test_cli_user_errors_are_one_line(capsys):
     assert "needs run_id" in capsys.readouterr().err
     assert evaluate.main(["--data", "x", "--checkpoint", "m.pt", "--folds", "1"]) == 2
     assert "folds" in capsys.readouterr().err
+
+
+def test_cross_dataset_fold_trains_on_all_of_data_and_tests_on_all_of_test_data(tmp_path):
+    from pipeline.distributed.evaluate import plan_folds
+    from pipeline.data.patches import load_volume_refs
+
+    a = load_volume_refs(write_tiny_corpus(tmp_path / "a", n=3), require_labels=True)
+    b = load_volume_refs(write_tiny_corpus(tmp_path / "b", n=2), require_labels=True)
+    for r in b:
+        r.item_id = "b-" + r.item_id
+    cfg = EvaluateConfig(data=str(tmp_path / "a"), test_data=str(tmp_path / "b"), val_cases=1)
+    (fold,) = plan_folds(cfg, a, b)
+    assert fold == {"train": ["v0", "v1"], "val": ["v2"], "test": ["b-v0", "b-v1"]}
+    (one,) = plan_folds(cfg.model_copy(update={"train_cases": 1}), a, b)
+    assert len(one["train"]) == 1 and one["val"] == ["v2"]
+    with pytest.raises(UserError, match="share item ids"):
+        plan_folds(cfg, a, a)
+    with pytest.raises(UserError, match="val_cases"):
+        plan_folds(cfg.model_copy(update={"val_cases": 3}), a, b)

@@ -1,19 +1,23 @@
-"""`anatdiff study` smoke run (slow): two variants, two protocols, a few steps; ends with the comparison."""
+"""`anatdiff study`: preset, per-variant overrides, the report (table, plot, JSON), and a smoke run (slow)."""
 
 from __future__ import annotations
 
+import json
+
 import mlflow
+import numpy as np
 import pytest
 
 from pipeline.config import StudyConfig, load_config
+from pipeline.evaluation.study_report import StudyRow, label_efficiency_png, study_json, study_table
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(900)]
 
-
-def test_study_preset_is_valid_and_covers_the_four_variants():
+def test_study_preset_is_valid_and_covers_every_variant_protocol_and_budget():
     cfg = load_config(StudyConfig, "study-phantom-small")
-    assert cfg.variants == ("random_init", "restorative", "unguided", "guided")
-    assert cfg.protocols == ("linear", "nonlinear", "finetune") and cfg.evaluate_preset == "evaluate-kfold-tiny"
+    assert cfg.variants == ("random_init", "restorative", "contrastive", "unguided", "guided_bodybox",
+                            "guided_learned")
+    assert cfg.protocols == ("linear", "nonlinear", "finetune") and cfg.train_cases == (1, 2, "all")
+    assert cfg.ceiling is not None and cfg.evaluate_preset == "evaluate-kfold-tiny"
 
 
 def test_pretrain_overrides_differ_only_by_variant():
@@ -23,10 +27,41 @@ def test_pretrain_overrides_differ_only_by_variant():
     over = {v: pretrain_overrides(cfg, v, "d", f"r-{v}", "s", "GUIDE") for v in cfg.variants}
     assert over["random_init"]["objective"] == "none" and over["restorative"]["objective"] == "restorative"
     assert over["unguided"]["model"]["guidance"] == "none"
-    assert over["guided"]["model"] == {"guidance": "learned", "guide_checkpoint": "runs:/GUIDE"}
+    assert over["guided_bodybox"]["model"] == {"guidance": "bodybox"}
+    assert over["guided_learned"]["model"] == {"guidance": "learned", "guide_checkpoint": "runs:/GUIDE"}
     assert {o["optim"]["steps"] for o in over.values()} == {cfg.pretrain["optim"]["steps"]}   # one budget
+    assert {o["max_seconds"] for o in over.values()} == {cfg.pretrain["max_seconds"]}
 
 
+def _rows():
+    rows = [StudyRow(p, v, b, m, 0.01, n_train=n) for p in ("linear", "nonlinear")
+            for v, base in (("random_init", 0.1), ("guided_learned", 0.3))
+            for b, n, m in ((1, 1.0, base), ("all", 6.0, base + 0.2))]
+    rows += [StudyRow("supervised", "ceiling", 1, 0.4, 0.05, n_train=1.0),
+             StudyRow("supervised", "ceiling", "all", 0.7, 0.02, n_train=6.0)]
+    return rows
+
+
+def test_study_report_table_json_and_plot(tmp_path):
+    rows = _rows()
+    table = study_table(rows)
+    assert "### nonlinear" in table and "| diffusion, learned guide | 0.300 ± 0.010 | 0.500 ± 0.010 |" in table
+    assert table.count("*supervised ceiling*") == 2                    # closes every protocol's table
+    line = study_json(rows + [StudyRow("linear", "restorative", 2, float("nan"), float("nan"))], 123.4)
+    assert "\n" not in line
+    parsed = json.loads(line)
+    assert parsed["wall_s"] == 123 and parsed["ceiling"] == {"mean": 0.7, "std": 0.02}
+    assert {"protocol": "nonlinear", "variant": "guided_learned", "train_cases": "all", "mean": 0.5,
+            "std": 0.01} in parsed["rows"]
+    assert parsed["rows"][-1]["mean"] is None                          # NaN -> null, still valid JSON
+    assert all(r["variant"] != "ceiling" for r in parsed["rows"])
+    png = label_efficiency_png(rows, tmp_path / "le.png")
+    assert png.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(900)
 def test_study_smoke(tmp_path):
     import ray
 
@@ -34,23 +69,31 @@ def test_study_smoke(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(StudyConfig, "study-phantom-small", {
-        "workdir": str(tmp_path / "study"), "n_unlabeled": 2, "n_labeled": 3,
-        "target_spacing_zyx_mm": [8.0, 8.0, 8.0], "variants": ["random_init", "guided"],
-        "guided_guidance": "bodybox", "protocols": ["linear", "finetune"], "num_cpus": 2,
+        "workdir": str(tmp_path / "study"), "n_unlabeled": 2, "n_labeled": 4,
+        "target_spacing_zyx_mm": [8.0, 8.0, 8.0], "variants": ["random_init", "guided_bodybox"],
+        "protocols": ["linear", "finetune"], "train_cases": [1, "all"], "num_cpus": 2,
         "pretrain": {"optim": {"steps": 2, "warmup_steps": 1}, "checkpoint_every": 2, "log_every": 1,
                      "registered_model": None, "patches": {"patch_size_zyx": [16, 16, 16]},
                      "model": {"channels": [8, 16]}},
         "evaluate": {"folds": 3, "val_cases": 0, "head": {"steps": 2, "windows_per_volume": 2},
                      "finetune": {"steps": 2}, "overlays": 0},
+        "ceiling": {"steps": 2, "val_every": 0},
         "tracking": {"tracking_uri": uri}})
     try:
         out = run_study(cfg)
     finally:
         ray.shutdown()
-    assert set(out["evaluate_runs"]) == {(v, p) for v in ("random_init", "guided") for p in ("linear", "finetune")}
+    got = {(r.variant, r.protocol, r.train_cases) for r in out["rows"]}
+    assert got == {(v, p, b) for v in ("random_init", "guided_bodybox") for p in ("linear", "finetune")
+                   for b in (1, "all")} | {("ceiling", "supervised", 1), ("ceiling", "supervised", "all")}
+    assert all(0.0 <= r.mean <= 1.0 for r in out["rows"]) and all(np.isfinite(r.n_train) for r in out["rows"])
+    parsed = json.loads(out["json"])
+    assert len(parsed["rows"]) == 8 and parsed["ceiling"]["mean"] is not None
     md = out["compare"]["markdown"]
-    assert "| random init |" in md and "| diffusion (body-box guide) |" in md and "finetune" in md
+    assert "| random init |" in md and "| diffusion (body-box guide) |" in md
     client = mlflow.MlflowClient(uri)
-    for run_id in out["evaluate_runs"].values():
-        assert client.get_run(run_id).data.params["n_folds"] == "3"
+    arts = {a.path for a in client.list_artifacts(out["compare"]["run_id"], "study")}
+    assert {"study/study.md", "study/study.json", "study/label_efficiency.png"} <= arts
+    banks = list((tmp_path / "study" / "banks").glob("*/*.npz"))
+    assert banks, "frozen-feature banks are cached per volume"
     print("study smoke seconds:", {k: round(v) for k, v in out["seconds"].items()})

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import SynthConfig
-from pipeline.ingest.manifest import read_manifest
+from ingest_helpers import manifest_with_sources
 from pipeline.synth.corpus import synthesize_corpus
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -73,12 +73,12 @@ def _kill_all(job: subprocess.Popen, marker: str) -> None:
 
 
 def _markers(out: Path) -> list[Path]:
-    return sorted(p for p in (out / "done").glob("*.json") if not p.name.startswith("."))
+    return sorted(p for p in (out / "private" / "done").glob("*.json") if not p.name.startswith("."))
 
 
 def _temporary_files(out: Path) -> list[str]:
     """Hidden files (``.<name>.tmp-<pid>``, the temporary names of save_npy_atomic / write_done) in OUT."""
-    return [f"{d}/{e.name}" for d in ("volumes", "masks", "labels", "done") if (out / d).is_dir()
+    return [f"{d}/{e.name}" for d in ("volumes", "masks", "labels", "private/done") if (out / d).is_dir()
             for e in os.scandir(out / d) if e.name.startswith(".")]
 
 
@@ -172,9 +172,9 @@ def test_sigkilled_preprocess_job_resumes_on_rerun(tmp_path):
         assert report["items"] == N_ITEMS
         assert (report["items_reused"], report["items_processed"]) == \
             (len(done_before), N_ITEMS - len(done_before)), "finished items were redone, or unfinished reused"
-        assert report["files"]["missing"] == report["files"]["duplicated"] == report["files"]["unknown"] == []
+        assert report["files"]["missing"] == report["files"]["duplicated"] == report["files"]["unknown"] == 0
 
-        df = read_manifest(out)
+        df = manifest_with_sources(out)
         items = df[df.status != "skipped"]
         assert len(items) == N_ITEMS and items.item_id.is_unique, items.item_id.tolist()
         assert (items.status == "accepted").all(), items[["item_id", "status", "reason"]].to_string()
@@ -186,7 +186,7 @@ def test_sigkilled_preprocess_job_resumes_on_rerun(tmp_path):
             volume, mask = np.load(out / row.image_path), np.load(out / row.mask_path)
             assert volume.shape == mask.shape == tuple(row.shape) and volume.dtype == np.int16
             assert mask.any()
-            assert (out / "done" / f"{row.item_id}.json").is_file()
+            assert (out / "private" / "done" / f"{row.item_id}.json").is_file()
         assert len(_markers(out)) == N_ITEMS
         assert sorted(p.name for p in (out / "volumes").iterdir()) == sorted(Path(p).name for p in items.image_path)
         hidden = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.name.startswith(".") or ".tmp" in p.name]

@@ -2,6 +2,7 @@
 patients.csv, the report's accounting and histograms, resume keys and markers, filesystem helpers."""
 
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline.config import PreprocessConfig, UserError
-from pipeline.ingest.manifest import COLUMNS, empty_row
+from pipeline.ingest.manifest import ROW_FIELDS, empty_row
 from pipeline.ingest.phi import key_for_source, parse_patients_csv, patient_keys
 from pipeline.ingest.report import HU_EDGES, corpus_report, hist_quantile_hu, hu_histogram, scanner_table
 from pipeline.ingest.resume import content_key, load_done, remove_partial_files, write_done
@@ -70,7 +71,7 @@ def _rows(tmp_path, **cfg_kw) -> list[dict]:
     items, skipped = discover_items(inp)
     listing = {e.rel: e for e in list_files(inp)}
     rows = [r for i in items for r in run_unit(i.to_dict(), cfg, out, content_key(i.files, listing, cfg))]
-    assert all(set(r) == set(COLUMNS) and "\n" not in (r["reason"] or "") for r in rows)
+    assert all(set(r) == set(ROW_FIELDS) and "\n" not in (r["reason"] or "") for r in rows)
     json.dumps(rows)
     files = sorted([f for r in rows for f in r["files"]] + [s for s, _ in skipped])
     assert files == sorted(listing)  # every input file in exactly one row
@@ -88,9 +89,10 @@ QC_CASES = {
     "truncated NIfTI.gz": (lambda t: _truncate(_write(t / "in" / "ct.nii.gz", body_zyx()), 0.8), "truncated: "),
     "half a NIfTI.gz": (lambda t: _truncate(_write(t / "in" / "ct.nii.gz", body_zyx())), "unreadable: "),
     "truncated MHA": (lambda t: _truncate(_write(t / "in" / "ct.mha", body_zyx())), "unreadable: "),
-    # the damaged slice is skipped (not a readable DICOM image) and its series has a hole
+    # one cause, one place: the series is rejected naming its damaged slice (not a 'missing slices' gap plus
+    # a skipped file)
     "truncated DICOM slice": (lambda t: _truncate(write_slices(t / "in" / "s", body_zyx())[4], 0.9),
-                              "missing slices: gap of 4.00 mm after slice 3"),
+                              "damaged slice: file 10 of 10 of this series is cut short ("),
     "MR intensities in NRRD": (lambda t: _write(t / "in" / "mr.nrrd", (body_zyx() + 1000).astype(np.int16)),
                                "not CT: darkest voxel 0 > -500 HU"),
     "MR DICOM": (lambda t: write_slices(t / "in" / "s", body_zyx(), modality="MR"), "not CT: modality MR"),
@@ -161,11 +163,11 @@ def test_accepted_dicom_series_sorted_by_position_not_file_name(tmp_path):
 
 
 def test_patients_csv_keys_nifti_items_and_is_accounted(tmp_path, monkeypatch):
-    monkeypatch.setenv("ANATDIFF_PHI_SALT", "pepper")
+    monkeypatch.setenv("ANATDIFF_PHI_SECRET", "pepper-pepper-pepper")
     for name in ("crop1.nii.gz", "crop2.nii.gz", "other.nii.gz"):
         _write(tmp_path / "in" / name, body_zyx())
     (tmp_path / "in" / "patients.csv").write_text("source,patient\ncrop1.nii.gz,JD-77\ncrop2.nii.gz,JD-77\n")
-    keys = patient_keys(parse_patients_csv((tmp_path / "in" / "patients.csv").read_text()))
+    keys = patient_keys(parse_patients_csv((tmp_path / "in" / "patients.csv").read_text()), "pepper-pepper-pepper")
     rows = []
     items, skipped = discover_items(tmp_path / "in")
     assert dict(skipped) == {"patients.csv": "patient mapping (patients.csv)"}
@@ -173,10 +175,11 @@ def test_patients_csv_keys_nifti_items_and_is_accounted(tmp_path, monkeypatch):
     for i in items:
         rows += run_unit(i, cfg, tmp_path / "out", "k", keys)
     by_source = {r["source"]: r["patient_key"] for r in rows}
-    assert by_source["crop1.nii.gz"] == by_source["crop2.nii.gz"] == hashlib.sha256(b"pepperJD-77").hexdigest()
+    expected = hmac.new(b"pepper-pepper-pepper", b"JD-77", hashlib.sha256).hexdigest()
+    assert by_source["crop1.nii.gz"] == by_source["crop2.nii.gz"] == expected
     assert by_source["other.nii.gz"] is None
     assert key_for_source("dcm#1.2.3", {"dcm": "k1"}) == "k1"
-    with pytest.raises(UserError, match="line 3: source 'a' is listed twice"):
+    with pytest.raises(UserError, match="line 3: a source is listed twice"):
         parse_patients_csv("source,patient\na,P1\na,P2\n")
     with pytest.raises(UserError, match="header line 'source,patient'"):
         parse_patients_csv("file,id\na,P1\n")

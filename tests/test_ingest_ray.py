@@ -2,6 +2,7 @@
 resume after a killed run, the report files and the MLflow preprocess run."""
 
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -15,16 +16,19 @@ import SimpleITK as sitk
 
 from pipeline.config import PreprocessConfig
 from pipeline.ingest.manifest import read_manifest, summarize
+from pipeline.ingest.private import load_id_key
 from pipeline.ingest.resume import content_key
 from pipeline.ingest.units import run_unit
 from pipeline.io.filesystems import list_files
 from pipeline.io.layouts import discover_items
+from ingest_helpers import manifest_with_sources
 from test_ingest_qc import body_zyx, write_slices
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
 PHI = {"0010|0010": "DOE^JANE", "0010|0020": "PHI-12345", "0008|0080": "SAINT PHI HOSPITAL",
        "0008|0050": "ACC-PHI-998", "0008|0090": "HOUSE^GREGORY", "0010|0030": "19010203"}
+SECRET = "test-secret-0123456789"
 
 
 def _nifti(path: Path, array) -> None:
@@ -100,8 +104,14 @@ def check_object_store_run(uri: str, out: Path, public_uri: str) -> None:
     before = set(Path(tempfile.gettempdir()).glob("anatdiff-*"))
     cfg = PreprocessConfig(input=uri, output=str(out), target_spacing_zyx_mm=(2.0, 2.0, 2.0),
                            log_to_mlflow=False, num_cpus=2)
-    df = run_preprocess(cfg, progress=False)
+    old = os.environ.get("ANATDIFF_PHI_SECRET")
+    os.environ["ANATDIFF_PHI_SECRET"] = SECRET  # the corpus' DICOM carries PatientIDs
+    try:
+        df = run_preprocess(cfg, progress=False)
+    finally:
+        os.environ.pop("ANATDIFF_PHI_SECRET") if old is None else os.environ.__setitem__("ANATDIFF_PHI_SECRET", old)
     assert summarize(df) == "4 accepted, 1 rejected (2-D image: 1), 2 skipped"
+    df = manifest_with_sources(out)
     listed = sorted(e.rel for e in list_files(uri))
     assert sorted(f for fs in df["files"] for f in fs) == listed and len(listed) == 24
     acc = df[df.status == "accepted"].set_index("source")
@@ -114,7 +124,7 @@ def check_object_store_run(uri: str, out: Path, public_uri: str) -> None:
         assert (out / row.image_path).is_file() and (out / row.mask_path).is_file()
     assert set(Path(tempfile.gettempdir()).glob("anatdiff-*")) == before  # downloads deleted
     report = json.loads((out / "report.json").read_text())
-    assert report["files"]["missing"] == [] and report["files"]["duplicated"] == []
+    assert report["files"]["missing"] == 0 and report["files"]["duplicated"] == 0
     assert report["input"] == public_uri
     assert report["rejected_by_reason"] == {"2-D image": 1} and report["items_processed"] == 4
 
@@ -125,7 +135,7 @@ def test_s3_input_is_listed_downloaded_processed_and_accounted(tmp_path, s3_endp
 
 
 def test_no_phi_in_outputs_mlflow_or_logs(tmp_path, capfd, ray_local, monkeypatch):
-    monkeypatch.setenv("ANATDIFF_PHI_SALT", "salt-1")
+    monkeypatch.setenv("ANATDIFF_PHI_SECRET", SECRET)
     inp = _corpus(tmp_path / "in")
     uri = f"sqlite:///{tmp_path / 'ml' / 'mlflow.db'}"
     (tmp_path / "ml").mkdir()
@@ -136,10 +146,10 @@ def test_no_phi_in_outputs_mlflow_or_logs(tmp_path, capfd, ray_local, monkeypatc
                            num_cpus=2, tracking={"tracking_uri": uri, "experiment": "phi-check"})
     df = run_preprocess(cfg, progress=False)
     print(summarize(df))
-    expected = hashlib.sha256(b"salt-1PHI-12345").hexdigest()
+    expected = hmac.new(SECRET.encode(), b"PHI-12345", hashlib.sha256).hexdigest()
     assert set(df.loc[df.kind == "dicom", "patient_key"]) == {expected}
     captured = capfd.readouterr()
-    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()] + \
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and "private" not in p.parts] + \
             [p for p in (tmp_path / "ml").rglob("*") if p.is_file()]
     assert any(p.suffix == ".png" for p in files if "ml" in p.parts)  # plots reached the artifact store
     blobs = [p.read_bytes() for p in files] + [captured.out.encode(), captured.err.encode()]
@@ -172,14 +182,14 @@ def test_killed_run_resumes_without_duplicates_or_partial_files(tmp_path, ray_lo
         _nifti(inp / f"ct{i}.nii.gz", body_zyx(10 + i))
     cfg = PreprocessConfig(input=str(inp), output=str(tmp_path / "out"), target_spacing_zyx_mm=(2.0, 2.0, 2.0),
                            log_to_mlflow=False, num_cpus=2)
-    items, _ = discover_items(inp)
-    listing = {e.rel: e for e in list_files(inp)}
     out = tmp_path / "out"
+    items, _ = discover_items(inp, load_id_key(out))  # the job's ids: keyed by out/private/id_key
+    listing = {e.rel: e for e in list_files(inp)}
     for item in items[:2]:
         run_unit(item, cfg, out, content_key(item.files, listing, cfg))
     (out / "volumes" / f".{items[2].item_id}.npy.tmp-4242").write_bytes(b"\x93NUMPY half")
     np.save(out / "volumes" / f"{items[3].item_id}.npy", np.zeros((2, 2, 2), np.int16))  # no marker: redone
-    first_marker = (out / "done" / f"{items[0].item_id}.json").stat().st_mtime_ns
+    first_marker = (out / "private" / "done" / f"{items[0].item_id}.json").stat().st_mtime_ns
 
     from pipeline.distributed.ingest import run_preprocess
 
@@ -188,7 +198,7 @@ def test_killed_run_resumes_without_duplicates_or_partial_files(tmp_path, ray_lo
     assert (report["items_reused"], report["items_processed"]) == (2, 2)
     assert summarize(df) == "4 accepted, 0 rejected, 0 skipped" and df.item_id.is_unique
     assert not list(out.rglob("*.tmp-*"))
-    assert (out / "done" / f"{items[0].item_id}.json").stat().st_mtime_ns == first_marker
+    assert (out / "private" / "done" / f"{items[0].item_id}.json").stat().st_mtime_ns == first_marker
     for row in df.itertuples():
         assert np.load(out / row.image_path).shape == tuple(row.shape)
     assert np.load(out / f"volumes/{items[3].item_id}.npy").shape != (2, 2, 2)  # the stale file was replaced
@@ -199,4 +209,4 @@ def test_killed_run_resumes_without_duplicates_or_partial_files(tmp_path, ray_lo
     _nifti(inp / "ct0.nii.gz", body_zyx(14))
     run_preprocess(cfg, progress=False)
     assert json.loads((out / "report.json").read_text())["items_processed"] == 1
-    assert list(read_manifest(out).set_index("source").loc["ct0.nii.gz", "source_shape"])[0] == 14
+    assert list(manifest_with_sources(out).set_index("source").loc["ct0.nii.gz", "source_shape"])[0] == 14

@@ -12,7 +12,8 @@ import SimpleITK as sitk
 from pipeline.config import UserError
 from pipeline.ingest.preprocess import split_dicom_folder
 from pipeline.io.layouts import discover_items, make_item_id
-from pipeline.io.readers import (nifti_nonfinite_count, read_dicom_tags, read_header, read_image)
+from pipeline.io.dicom import read_slice_header
+from pipeline.io.readers import nifti_nonfinite_count, read_header, read_image
 
 SERIES_A = "1.2.826.0.1.3680043.2.1125.77.1"
 SERIES_B = "1.2.826.0.1.3680043.2.1125.77.2"
@@ -124,11 +125,12 @@ def test_plain_folder_of_files_and_dicom_series(tmp_path):
     _accounted_once(tmp_path, items, skipped)
     # the worker splits the DICOM folder into its two series; the two non-DICOM files are skipped
     series, not_dicom = split_dicom_folder(by_source["dcm"])
+    series = [s for s, _ in series]
     assert [(s.source, s.series_uid, len(s.files), s.kind) for s in series] == [
         (f"dcm#{SERIES_B}", SERIES_B, 9, "dicom"), (f"dcm#{SERIES_A}", SERIES_A, 8, "dicom")]
     assert series[1].files == tuple(f"dcm/a{k:03d}.dcm" for k in range(8))
     assert dict(not_dicom).keys() == {"dcm/broken.dcm", "dcm/DICOMDIR_NOTES"}
-    assert dict(not_dicom)["dcm/broken.dcm"].startswith("not a readable DICOM image")
+    assert dict(not_dicom)["dcm/broken.dcm"] == "not an image file (no DICOM header; .dcm)"
     assert sorted([f for s in series for f in s.files] + list(dict(not_dicom))) == sorted(by_source["dcm"].files)
     assert len({i.item_id for i in items}) == len(items)
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+-[0-9a-f]{8}", i.item_id) for i in items)
@@ -159,9 +161,9 @@ def test_dicom_series_reads_with_geometry_and_tags(tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(img), arr)
     assert img.GetSpacing() == pytest.approx((0.7, 0.8, 2.5))
     assert img.GetOrigin() == pytest.approx((-10.0, 20.0, 100.0))
-    tags = read_dicom_tags(tmp_path)
+    tags = read_slice_header(sorted(tmp_path.glob("*.dcm"))[0]).tags
     assert tags["Modality"] == "CT" and tags["Manufacturer"] == "ACME" and tags["PatientID"] == "PAT-1"
-    assert tags["ConvolutionKernel"] == "B30f" and tags["ContrastBolusAgent"] is None
+    assert tags["ConvolutionKernel"] == "B30f" and tags["ContrastBolusAgent"] == ""
 
 
 def test_nan_in_a_float_nifti_is_found_in_the_raw_bytes(tmp_path):

@@ -1,6 +1,7 @@
 """preprocess_item: QC reasons as rows, outputs on disk, label placement, real CT; the manifest; Ray Data."""
 
 import hashlib
+import hmac
 import json
 import re
 from pathlib import Path
@@ -11,11 +12,12 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline.config import PreprocessConfig, UserError
-from pipeline.ingest.manifest import (COLUMNS, patient_key, read_manifest, skipped_row, summarize,
-                                      write_manifest)
+from pipeline.ingest.manifest import COLUMNS, ROW_FIELDS, read_manifest, skipped_row, summarize, write_manifest
+from pipeline.ingest.phi import patient_key
 from pipeline.ingest.preprocess import preprocess_item
 from pipeline.io.layouts import discover_items
 from pipeline.labels import ORGAN_TO_LABEL
+from ingest_helpers import manifest_with_sources
 
 REAL = Path(__file__).parent / "data" / "real-ct"
 
@@ -65,7 +67,7 @@ def _run_one(tmp_path, **cfg_kw) -> dict:
     assert len(items) == 1
     row = preprocess_item(items[0].to_dict(), _cfg(tmp_path, **cfg_kw), tmp_path / "out")
     json.dumps(row)  # JSON-able
-    assert set(row) == set(COLUMNS)
+    assert set(row) == set(ROW_FIELDS)
     return row
 
 
@@ -153,13 +155,13 @@ def test_crop_origin_and_clip_after_resampling(tmp_path):
     assert row["origin_xyz_mm"][0] == pytest.approx(-19.5 + 2 * (7 - 5))
 
 
-def test_dicom_ct_gets_scanner_and_hashed_patient_keys(tmp_path, monkeypatch):
-    monkeypatch.setenv("ANATDIFF_PHI_SALT", "s3cret")
+def test_dicom_ct_gets_scanner_and_keyed_patient_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANATDIFF_PHI_SECRET", "s3cret-s3cret-s3cret")
     _write_dicom(tmp_path / "in" / "series", _phantom_zyx())
     row = _run_one(tmp_path)
     assert row["status"] == "accepted", row["reason"]
     assert row["modality"] == "CT" and row["scanner_key"] == "ACME|Scan 64|B30f"
-    assert row["patient_key"] == hashlib.sha256(b"s3cretPAT-7").hexdigest()
+    assert row["patient_key"] == hmac.new(b"s3cret-s3cret-s3cret", b"PAT-7", hashlib.sha256).hexdigest()
     assert "PAT-7" not in json.dumps(row)
 
 
@@ -208,7 +210,7 @@ def test_manifest_roundtrip_and_summary(tmp_path):
         write_manifest([{"item_id": "x", "status": "done"}], tmp_path)
     with pytest.raises(UserError, match="anatdiff preprocess"):
         read_manifest(tmp_path / "missing")
-    assert patient_key(None) is None and patient_key("P1", salt="a") != patient_key("P1", salt="b")
+    assert patient_key(None, "s" * 16) is None and patient_key("P1", "a" * 16) != patient_key("P1", "b" * 16)
 
 
 @pytest.mark.ray
@@ -227,9 +229,10 @@ def test_ray_data_preprocess_accounts_for_every_file(tmp_path):
     finally:
         ray.shutdown()
     assert summarize(df) == "3 accepted, 1 rejected (unreadable: 1), 1 skipped"
-    files = sorted(f for fs in df["files"] for f in fs)
-    assert files == sorted(p.name for p in (tmp_path / "in").iterdir())
     assert df.equals(read_manifest(tmp_path / "out"))
+    assert df["source"].isna().all() and not any(len(f) for f in df["files"])  # paths only in private/
+    files = sorted(f for fs in manifest_with_sources(tmp_path / "out")["files"] for f in fs)
+    assert files == sorted(p.name for p in (tmp_path / "in").iterdir())
     for rel in df.loc[df.status == "accepted", "image_path"]:
         assert np.load(tmp_path / "out" / rel).dtype == np.int16
     with pytest.raises(UserError, match="inside the input folder"):

@@ -91,16 +91,16 @@ def test_train_segmenter_registers_a_model_a_fresh_process_loads(tmp_path):
         out = run_train_segmenter(cfg)
     finally:
         ray.shutdown()
-    assert out["model_uri"] == "models:/anatdiff-segmenter@latest" and out["version"] == 1
+    assert out["model_uri"] == "models:/anatdiff-segmenter@current" and out["version"] == 1
     np.save(tmp_path / "vol.npy", _volume())
     script = textwrap.dedent(f"""
         import mlflow, numpy as np, torch
         mlflow.set_tracking_uri({uri!r})
         vol = np.load({str(tmp_path / 'vol.npy')!r}).astype(np.float32)
-        model = mlflow.pytorch.load_model("models:/anatdiff-segmenter@latest")
+        model = mlflow.pytorch.load_model("models:/anatdiff-segmenter@current")
         labels = model(torch.from_numpy(vol))
         assert labels.shape == vol.shape and labels.dtype == torch.uint8, labels.shape
-        out = mlflow.pyfunc.load_model("models:/anatdiff-segmenter@latest").predict(vol)
+        out = mlflow.pyfunc.load_model("models:/anatdiff-segmenter@current").predict(vol)
         assert np.asarray(out).shape == vol.shape
         print("LOADED", np.asarray(out).dtype)
     """)

@@ -32,8 +32,8 @@ VARIANT_PREFIX = {"pretrained": "", "random_init": "random_init_", "ceiling": "c
 VARIANT_LABEL = {"pretrained": "pretrained", "random_init": "random init", "ceiling": "supervised ceiling"}
 
 
-def _fold_task(model_path: str, variant: str, cfg_json: dict, data_dir: str, fold: dict[str, list[str]],
-               coords_dir: str | None = None, label: str = "") -> dict:
+def _fold_task(model_path: str, variant: str, cfg_json: dict, data_dirs: list[str], fold: dict[str, list[str]],
+               coords_dirs: list[str | None], label: str = "") -> dict:
     """Runs in a Ray task: everything it needs is passed by value or path."""
     import torch
 
@@ -44,7 +44,8 @@ def _fold_task(model_path: str, variant: str, cfg_json: dict, data_dir: str, fol
     cfg = EvaluateConfig.model_validate(cfg_json)
     device = "cuda" if cfg.gpus_per_task > 0 and torch.cuda.is_available() else "cpu"
     backbone, pretrain_cfg = load_pretrained(model_path, random_init=variant != "pretrained", seed=cfg.seed)
-    refs = {r.item_id: r for r in load_volume_refs(data_dir, require_labels=True, coords_dir=coords_dir)}
+    refs = {r.item_id: r for d, c in zip(data_dirs, coords_dirs)
+            for r in load_volume_refs(d, require_labels=True, coords_dir=c)}
     out = evaluate_backbone(backbone, pretrain_cfg, cfg, [refs[i] for i in fold["train"]],
                             [refs[i] for i in fold["test"]], [refs[i] for i in fold["val"]], device=device,
                             variant=variant, progress=progress_printer(label))
@@ -80,16 +81,43 @@ def resolve_model(cfg: EvaluateConfig, uri: str, workdir: Path) -> tuple[str, st
     return str(local / "model.pt"), cfg.pretrain_run_id
 
 
-def plan_folds(cfg: EvaluateConfig, refs: list[VolumeRef]) -> list[dict[str, list[str]]]:
-    """The run's folds from the manifest's patient keys; a UserError says what to change if impossible."""
+def plan_folds(cfg: EvaluateConfig, refs: list[VolumeRef],
+               test_refs: list[VolumeRef] | None = None) -> list[dict[str, list[str]]]:
+    """The run's folds from the manifest's patient keys; a UserError says what to change if impossible.
+
+    With ``test_refs`` (``cfg.test_data``, another dataset): one fold training on ``refs`` (the last
+    ``val_cases`` patients validate, ``train_cases`` limits the rest) and testing on every case of ``test_refs``.
+    """
     ids = [r.item_id for r in refs]
     keys = [r.patient_key if isinstance(r.patient_key, str) else None for r in refs]
+    if test_refs is not None:
+        return [_external_fold(cfg, ids, keys, [r.item_id for r in test_refs])]
     try:
         return evaluation_folds(ids, keys, cfg.split, cfg.folds, cfg.fold_seed, cfg.val_cases, cfg.train_cases,
                                 cfg.test_fraction, cfg.seed)
     except ValueError as e:
         raise UserError(f"cannot split '{cfg.data}' ({len(ids)} labelled items) for evaluation with "
                         f"split={cfg.split}, folds={cfg.folds}: {e}") from None
+
+
+def _external_fold(cfg: EvaluateConfig, ids: list[str], keys: list, test_ids: list[str]) -> dict[str, list[str]]:
+    from pipeline.evaluation.folds import limit_patients, patient_of
+
+    if set(ids) & set(test_ids):
+        raise UserError("data and test_data share item ids: the test set must be another dataset")
+    patients = sorted({patient_of(i, k) for i, k in zip(ids, keys)})
+    if cfg.val_cases >= len(patients):
+        raise UserError(f"val_cases={cfg.val_cases} leaves no training patient of {len(patients)} in '{cfg.data}'")
+    val_patients = set(patients[len(patients) - cfg.val_cases:]) if cfg.val_cases else set()
+    val = [i for i, k in zip(ids, keys) if patient_of(i, k) in val_patients]
+    train_pairs = [(i, k) for i, k in zip(ids, keys) if patient_of(i, k) not in val_patients]
+    train = [i for i, _ in train_pairs]
+    if cfg.train_cases is not None:
+        try:
+            train = limit_patients(train, [k for _, k in train_pairs], cfg.train_cases, cfg.seed)
+        except ValueError as e:
+            raise UserError(f"train_cases: {e}") from None
+    return {"train": train, "val": val, "test": list(test_ids)}
 
 
 def guide_file_of(model_path: str, uri: str, workdir: Path, run_id: str) -> Path | None:
@@ -144,8 +172,15 @@ def _log_fold_child(uri: str, run_id: str, cfg: EvaluateConfig, k: int, fold: di
                                                                          for s in ("train", "val", "test")}})
         for name, res in results.items():
             tracking.log_metrics(uri, child, _fold_metrics(res, VARIANT_PREFIX[name]))
-            tracking.log_metric_history(uri, child, f"{VARIANT_PREFIX[name]}train_loss", res["losses"],
-                                        range(1, len(res["losses"]) + 1))
+            _log_curves(uri, child, res, VARIANT_PREFIX[name])
+
+
+def _log_curves(uri: str, run_id: str, res: dict, prefix: str) -> None:
+    """The training loss and the validation Dice curve (``{prefix}val_dice`` at the checked steps)."""
+    tracking.log_metric_history(uri, run_id, f"{prefix}train_loss", res["losses"], range(1, len(res["losses"]) + 1))
+    if res["val_dice"]:
+        steps, values = zip(*res["val_dice"])
+        tracking.log_metric_history(uri, run_id, f"{prefix}val_dice", values, steps)
 
 
 def _summaries(folds: list[dict], results: dict[tuple[int, str], dict], key: str = "dice") -> dict:
@@ -188,7 +223,8 @@ def _log_parent(uri: str, run_id: str, cfg: EvaluateConfig, folds: list[dict], r
 
 def _start_parent(cfg: EvaluateConfig, uri: str, model_path: str, pretrain_run: str | None,
                   folds: list[dict]) -> str:
-    tags = {"anatdiff.job": "evaluate", "anatdiff.protocol": cfg.protocol, "anatdiff.split": cfg.split,
+    tags = {"anatdiff.job": "evaluate", "anatdiff.protocol": cfg.protocol,
+            "anatdiff.split": "external" if cfg.test_data else cfg.split,
             "anatdiff.pretrain_run_id": pretrain_run or "", "anatdiff.checkpoint": model_path,
             "anatdiff.train_cases": str(cfg.train_cases or "all")}
     if pretrain_run:
@@ -215,9 +251,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 
     from pipeline.distributed.runtime import init_ray
 
-    data_dir = str(Path(cfg.data).resolve())
-    refs = load_volume_refs(data_dir, require_labels=True)
-    folds = plan_folds(cfg, refs)
+    data_dirs = [str(Path(d).resolve()) for d in (cfg.data, cfg.test_data) if d]
+    refs = load_volume_refs(data_dirs[0], require_labels=True)
+    test_refs = load_volume_refs(data_dirs[1], require_labels=True) if cfg.test_data else None
+    folds = plan_folds(cfg, refs, test_refs)
     uri = tracking.connect(cfg.tracking.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -225,19 +262,23 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         run_id = _start_parent(cfg, uri, model_path, pretrain_run, folds)
         with tracking.run_status(uri, run_id):
             init_ray(cfg.num_cpus)
-            coords_dir = _guide_coords(model_path, data_dir, uri, workdir, run_id)
+            coords_dirs = [_guide_coords(model_path, d, uri, workdir, run_id) for d in data_dirs]
             task = ray.remote(num_cpus=1, num_gpus=cfg.gpus_per_task)(_fold_task)
             variants = ["pretrained"] + (["random_init"] if cfg.compare_random_init else []) + \
                 (["ceiling"] if cfg.ceiling is not None else [])
             cfg_json = cfg.model_dump(mode="json")
-            futures = {(k, name): task.remote(model_path, name, cfg_json, data_dir, fold, coords_dir,
+            futures = {(k, name): task.remote(model_path, name, cfg_json, data_dirs, fold, coords_dirs,
                                               f"[fold {k + 1}/{len(folds)} {VARIANT_LABEL[name]}]")
                        for k, fold in enumerate(folds) for name in variants}
             results = {key: ray.get(f) for key, f in futures.items()}
             if len(folds) > 1:
                 for k, fold in enumerate(folds):
                     _log_fold_child(uri, run_id, cfg, k, fold, {n: results[(k, n)] for n in variants})
-            table, summaries = _log_parent(uri, run_id, cfg, folds, results, {r.item_id: r for r in refs}, workdir)
+            else:
+                for name in variants:
+                    _log_curves(uri, run_id, results[(0, name)], VARIANT_PREFIX[name])
+            table, summaries = _log_parent(uri, run_id, cfg, folds, results,
+                                           {r.item_id: r for r in refs + (test_refs or [])}, workdir)
     return {"run_id": run_id, "tracking_uri": uri, "table": table,
             "dice_mean": {n: s.mean for n, s in summaries.items()},
             "dice_mean_std": {n: s.std for n, s in summaries.items()},

@@ -24,6 +24,7 @@ from pipeline.guide.crops import sample_crop_pair
 from pipeline.guide.inference import load_guide, save_guide
 from pipeline.guide.model import build_guide
 from pipeline.guide.train import collate_pairs, guide_param_groups, guide_train_step
+from pipeline.train.checkpoint import load_plain
 from pipeline.train.step import lr_at
 
 GUIDE_FILE = "guide.pt"
@@ -85,7 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = torch.optim.AdamW(guide_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
 
     def load(directory: Path) -> int:
-        state = torch.load(directory / "state.pt", map_location=device, weights_only=False)
+        state = load_plain(directory / "state.pt", map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         return state["step"]

@@ -1,10 +1,12 @@
-"""The phantom study: five pretraining variants on one corpus and budget, every protocol, one comparison.
+"""The phantom study: pretraining variants on one corpus and budget, every protocol and label budget, and the
+supervised ceiling; one table, one label-efficiency plot, one JSON line.
 
 Variants (``StudyConfig.variants``): ``random_init`` (``objective: none``), ``restorative`` (Models Genesis),
-``contrastive`` (vox2vec), ``unguided`` (diffusion, ``guidance: none``) and ``guided`` (diffusion with the
-learned coordinate guide, trained first by ``run_guide``; ``guided_guidance: bodybox`` skips the guide). All
-share the pretrain preset (same steps, batch, patches, model), the same unlabelled corpus and the same labelled
-evaluation folds.
+``contrastive`` (vox2vec), ``unguided`` (diffusion, ``guidance: none``), ``guided_bodybox`` and ``guided_learned``
+(diffusion guided by body-box coordinates, or by the learned guide trained first by ``run_guide``). All share
+the pretrain preset (same budget, batch, patches, model), the unlabelled corpus and the labelled folds. The
+ceiling is the random-init network with all weights trained (the finetune protocol with ``StudyConfig.ceiling``
+settings), at every label budget. Frozen-feature banks are cached per volume and backbone (``workdir/banks``).
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.config import (CompareConfig, EvaluateConfig, GuideConfig, PreprocessConfig, PretrainConfig,
                              StudyConfig, SynthConfig, deep_update, load_config)
 
-#: variant -> pretrain overrides (the guided one gets its guidance from the config)
+#: variant -> pretrain overrides (the learned guide's checkpoint is added when it is trained)
 VARIANT_OVERRIDES = {"random_init": {"objective": "none"}, "restorative": {"objective": "restorative"},
                      "contrastive": {"objective": "contrastive"},
                      "unguided": {"objective": "diffusion", "model": {"guidance": "none"}},
-                     "guided": {"objective": "diffusion"}}
+                     "guided_bodybox": {"objective": "diffusion", "model": {"guidance": "bodybox"}},
+                     "guided_learned": {"objective": "diffusion", "model": {"guidance": "learned"}}}
 
 
 def _log(msg: str, t0: float) -> None:
@@ -48,7 +53,7 @@ def _corpora(cfg: StudyConfig, work: Path) -> dict[str, str]:
 def _guide(cfg: StudyConfig, work: Path, data: dict[str, str], stamp: str) -> str | None:
     from pipeline.distributed.guide import run_guide
 
-    if "guided" not in cfg.variants or cfg.guided_guidance != "learned":
+    if "guided_learned" not in cfg.variants:
         return None
     gc = load_config(GuideConfig, cfg.guide_preset, deep_update({
         "data": data["unlabeled"], "eval_data": data["labeled"], "run_name": f"study-guide-{stamp}",
@@ -63,23 +68,52 @@ def pretrain_overrides(cfg: StudyConfig, variant: str, data_dir: str, run_name: 
     over = deep_update({"data": data_dir, "run_name": run_name, "storage_path": storage, "seed": cfg.seed,
                         "num_cpus": cfg.num_cpus, "tracking": cfg.tracking.model_dump()}, cfg.pretrain)
     over = deep_update(over, VARIANT_OVERRIDES[variant])
-    if variant == "guided":
-        model = {"guidance": cfg.guided_guidance}
-        if cfg.guided_guidance == "learned":
-            model["guide_checkpoint"] = f"runs:/{guide_run}"
-        over = deep_update(over, {"model": model})
+    if variant == "guided_learned":
+        over = deep_update(over, {"model": {"guide_checkpoint": f"runs:/{guide_run}"}})
     return over
 
 
-def run_study(cfg: StudyConfig) -> dict:
-    """Synth + preprocess, (guide), pretrain every variant, evaluate every protocol, compare.
-
-    Returns ``pretrain_runs`` {variant: run id}, ``evaluate_runs`` {(variant, protocol): run id},
-    ``compare`` (the ``run_compare`` result), ``seconds`` per stage.
-    """
+def _evaluate(cfg: StudyConfig, data: str, work: Path, pretrain_run: str, protocol: str, budget,
+              extra: dict | None = None):
     from pipeline.distributed.evaluate import run_evaluate
+    from pipeline.evaluation.study_report import StudyRow
+
+    over = deep_update({"data": data, "pretrain_run_id": pretrain_run, "protocol": protocol,
+                        "train_cases": None if budget == "all" else budget, "compare_random_init": False,
+                        "ceiling": None, "bank_cache": str(work / "banks"), "num_cpus": cfg.num_cpus,
+                        "tracking": cfg.tracking.model_dump()}, cfg.evaluate)
+    ev = load_config(EvaluateConfig, cfg.evaluate_preset, deep_update(over, extra or {}))
+    out = run_evaluate(ev)
+    n_train = float(np.mean([len(f["train"]) for f in out["folds"]]))
+    return StudyRow(protocol, "", budget, out["dice_mean"]["pretrained"], out["dice_mean_std"]["pretrained"],
+                    out["run_id"], n_train)
+
+
+def _pretrain_all(cfg: StudyConfig, work: Path, data: dict[str, str], stamp: str, guide_run: str | None,
+                  t0: float) -> dict[str, str]:
     from pipeline.distributed.pretrain import run_pretrain
+
+    runs = {}
+    variants = list(cfg.variants) + (["random_init"] if cfg.ceiling is not None
+                                     and "random_init" not in cfg.variants else [])
+    for variant in variants:
+        pt = load_config(PretrainConfig, cfg.pretrain_preset, pretrain_overrides(
+            cfg, variant, data["unlabeled"], f"study-{stamp}-{variant}", str(work / "runs"), guide_run))
+        runs[variant] = run_pretrain(pt)["run_id"]
+        _log(f"pretrained {variant}: run {runs[variant]}", t0)
+    return runs
+
+
+def run_study(cfg: StudyConfig) -> dict:
+    """Synth + preprocess, (guide), pretrain every variant, evaluate every protocol and label budget, the
+    ceiling, compare; writes the table, plot and JSON to the comparison run.
+
+    Returns ``pretrain_runs`` {variant: run id}, ``rows`` (StudyRow list), ``table`` (markdown), ``json``
+    (the one-line summary), ``compare`` (the ``run_compare`` result), ``seconds`` per stage.
+    """
+    from pipeline import tracking
     from pipeline.evaluation.compare import run_compare
+    from pipeline.evaluation.study_report import label_efficiency_png, study_json, study_table
 
     work, t0, stamp = Path(cfg.workdir).resolve(), time.perf_counter(), time.strftime("%Y%m%d-%H%M%S")
     seconds: dict[str, float] = {}
@@ -88,27 +122,38 @@ def run_study(cfg: StudyConfig) -> dict:
     _log(f"corpora ready in {work / 'data'}", t0)
     guide_run = _guide(cfg, work, data, stamp)
     seconds["guide"] = time.perf_counter() - t0 - sum(seconds.values())
-    pretrain_runs, evaluate_runs = {}, {}
-    for variant in cfg.variants:
-        pt = load_config(PretrainConfig, cfg.pretrain_preset, pretrain_overrides(
-            cfg, variant, data["unlabeled"], f"study-{stamp}-{variant}", str(work / "runs"), guide_run))
-        pretrain_runs[variant] = run_pretrain(pt)["run_id"]
-        _log(f"pretrained {variant}: run {pretrain_runs[variant]}", t0)
+    pretrain_runs = _pretrain_all(cfg, work, data, stamp, guide_run, t0)
     seconds["pretrain"] = time.perf_counter() - t0 - sum(seconds.values())
-    for variant, run_id in pretrain_runs.items():
-        for protocol in cfg.protocols:
-            ev = load_config(EvaluateConfig, cfg.evaluate_preset, deep_update({
-                "data": data["labeled"], "pretrain_run_id": run_id, "protocol": protocol,
-                "compare_random_init": False, "num_cpus": cfg.num_cpus, "tracking": cfg.tracking.model_dump()},
-                cfg.evaluate))
-            out = run_evaluate(ev)
-            evaluate_runs[(variant, protocol)] = out["run_id"]
-            _log(f"evaluated {variant} / {protocol}: dice_mean {out['dice_mean']['pretrained']:.3f} "
-                 f"± {out['dice_mean_std']['pretrained']:.3f}", t0)
+    jobs = [(v, p, b) for v in cfg.variants for p in cfg.protocols for b in cfg.train_cases]
+    jobs += [("ceiling", "supervised", b) for b in cfg.train_cases] if cfg.ceiling is not None else []
+    rows, t_eval = [], time.perf_counter()
+    for n, (variant, protocol, budget) in enumerate(jobs, start=1):
+        if variant == "ceiling":
+            preset = load_config(EvaluateConfig, cfg.evaluate_preset, deep_update({"data": "x"}, cfg.evaluate))
+            finetune = deep_update(preset.finetune.model_dump(mode="json"), cfg.ceiling)
+            row = _evaluate(cfg, data["labeled"], work, pretrain_runs["random_init"], "finetune", budget,
+                            {"finetune": finetune})
+            row.protocol = "supervised"
+        else:
+            row = _evaluate(cfg, data["labeled"], work, pretrain_runs[variant], protocol, budget)
+        row.variant = variant
+        rows.append(row)
+        left = (time.perf_counter() - t_eval) / n * (len(jobs) - n)
+        _log(f"[{n}/{len(jobs)}] {variant} / {protocol} / train cases {budget}: mean Dice {row.mean:.3f} "
+             f"± {row.std:.3f} (evaluation ETA {left / 60:.0f} min)", t0)
     seconds["evaluate"] = time.perf_counter() - t0 - sum(seconds.values())
-    compare = run_compare(CompareConfig(run_ids=tuple(evaluate_runs.values()), name=f"study-{stamp}",
+    full = tuple(r.run_id for r in rows if r.train_cases == "all" and r.variant != "ceiling")
+    compare = run_compare(CompareConfig(run_ids=full or tuple(r.run_id for r in rows), name=f"study-{stamp}",
                                         tracking=cfg.tracking))
     seconds["total"] = time.perf_counter() - t0
-    _log(f"done; comparison run {compare['run_id']}", t0)
-    return {"pretrain_runs": pretrain_runs, "evaluate_runs": evaluate_runs, "guide_run": guide_run,
+    table, summary = study_table(rows), study_json(rows, seconds["total"])
+    uri = compare["tracking_uri"]
+    out_dir = work / "study" / stamp
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "study.md").write_text(table)
+    (out_dir / "study.json").write_text(summary + "\n")
+    label_efficiency_png(rows, out_dir / "label_efficiency.png")
+    tracking.log_artifacts(uri, compare["run_id"], out_dir, "study")
+    _log(f"done; comparison run {compare['run_id']} (study table, label-efficiency plot and JSON under study/)", t0)
+    return {"pretrain_runs": pretrain_runs, "rows": rows, "table": table, "json": summary, "guide_run": guide_run,
             "compare": compare, "seconds": seconds}

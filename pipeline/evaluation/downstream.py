@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.config import EvaluateConfig, NetworkTrainConfig, PretrainConfig
 from pipeline.data.patches import PatchStream, VolumeRef
-from pipeline.evaluation.features import BackboneFeatures, build_bank, pack_batch, pack_volume
+from pipeline.evaluation.features import BackboneFeatures, BankSpec, build_bank, pack_batch, pack_volume
 from pipeline.evaluation.heads import build_head
 from pipeline.evaluation.losses import predict_labels
 from pipeline.evaluation.metrics import dice_mean, dice_per_organ
@@ -82,8 +82,9 @@ def train_frozen_head(features: BackboneFeatures, refs: list[VolumeRef], cfg: Ev
     hc = cfg.head
     torch.manual_seed(cfg.seed)
     device = next(features.backbone.parameters()).device
-    bank = build_bank(features, refs, patch_size_zyx, window_hu, hc.windows_per_volume, hc.voxels_per_window,
-                      hc.voxels_per_organ, seed=cfg.seed + 1, foreground_prob=hc.foreground_prob, jitter=hc.jitter)
+    spec = BankSpec(tuple(patch_size_zyx), tuple(window_hu), hc.windows_per_volume, hc.voxels_per_window,
+                    hc.voxels_per_organ, hc.foreground_prob, hc.jitter, cfg.seed + 1)
+    bank = build_bank(features, refs, spec, cfg.bank_cache)
     head = build_head(cfg.protocol, features.feature_channels, hidden=hc.hidden,
                       feature_strides=features.feature_strides).to(device)
     mean, std = bank.channel_stats()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ExportConfig, UserError
-from pipeline.train.checkpoint import load_pretrained
+from pipeline.train.checkpoint import load_plain, load_pretrained
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 #: modules copied into the standalone file, dependency order
@@ -54,7 +54,7 @@ def load_backbone(directory, map_location="cpu"):
     m = config["model"]
     model = UNet3D(1, 1, channels=tuple(m["channels"]), blocks_per_level=m["blocks_per_level"],
                    time_embed_dim=m["time_embed_dim"], cond_channels=guidance_channels(config),
-                   cond_injection=m["guidance_injection"])
+                   cond_injection=m["guidance_injection"], stem_stride=m.get("stem_stride", 1))
     state = torch.load(_Path(directory) / "weights.pt", map_location=map_location, weights_only=True)
     model.load_state_dict(state, strict=True)
     return model.eval(), config
@@ -196,7 +196,7 @@ def export_backbone(model_path: str | Path, out_dir: str | Path, guide_file: str
         if not guide_file.is_file():
             raise UserError(f"backbone '{model_path}' was pretrained with a learned guide but no guide.pt was "
                             f"found at '{guide_file}'")
-        blob = torch.load(guide_file, map_location="cpu", weights_only=False)
+        blob = load_plain(guide_file)
         guide_cfg = blob["config"]
         torch.save({k: v.clone() for k, v in blob["state_dict"].items()}, out / "guide_weights.pt")
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, out / "weights.pt")

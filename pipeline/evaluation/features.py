@@ -12,7 +12,10 @@ train on these vectors (``FeatureBank``) in a fraction of a second per step inst
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -138,32 +141,88 @@ def sample_window_voxels(label_zyx: np.ndarray, mask_zyx: np.ndarray, n_uniform:
     return np.concatenate(picks).astype(np.int64) if picks else np.zeros(0, np.int64)
 
 
+@dataclass(frozen=True)
+class BankSpec:
+    """How a volume's bank rows are drawn (part of the cache key)."""
+
+    patch_size_zyx: tuple[int, int, int]
+    window_hu: tuple[float, float]
+    windows_per_volume: int
+    voxels_uniform: int
+    voxels_per_organ: int
+    foreground_prob: float
+    jitter: float
+    seed: int
+
+
+def _volume_seed(item_id: str, seed: int) -> list[int]:
+    return [seed, int(hashlib.sha256(item_id.encode()).hexdigest()[:8], 16)]
+
+
 @torch.no_grad()
-def build_bank(features: BackboneFeatures, refs: list[VolumeRef], patch_size_zyx, window_hu,
-               windows_per_volume: int, voxels_uniform: int, voxels_per_organ: int, seed: int,
-               foreground_prob: float = 0.67, batch_size: int = 2, jitter: float = 0.0) -> FeatureBank:
-    """The feature bank of ``refs``: ``windows_per_volume`` x len(refs) windows, volumes drawn uniformly (each
-    centred on an organ chosen uniformly among those present with probability ``foreground_prob``, moved by up
-    to ``jitter`` x the window size, else on a body voxel), features of ``sample_window_voxels`` voxels in
-    each. Deterministic in ``seed``."""
+def volume_bank(features: BackboneFeatures, ref: VolumeRef, spec: BankSpec, batch_size: int = 2) -> FeatureBank:
+    """The bank rows of one volume: ``spec.windows_per_volume`` windows (centred on an organ drawn uniformly among
+    those present with probability ``foreground_prob``, moved by up to ``jitter`` x the window size, else on a
+    body voxel), features of ``sample_window_voxels`` voxels in each. Deterministic in (``seed``, item id), so a
+    volume's rows are the same whichever fold it trains in."""
     device = next(features.backbone.parameters()).device
-    stream = PatchStream(refs, patch_size_zyx, window_hu, seed=seed, foreground_prob=foreground_prob, jitter=jitter)
-    rng = np.random.default_rng([seed, 17])
-    generator = torch.Generator().manual_seed(seed)
+    vseed = _volume_seed(ref.item_id, spec.seed)
+    stream = PatchStream([ref], spec.patch_size_zyx, spec.window_hu, seed=vseed[0], rank=vseed[1],
+                         foreground_prob=spec.foreground_prob, jitter=spec.jitter)
+    rng = np.random.default_rng(vseed + [17])
+    generator = torch.Generator().manual_seed(vseed[1])
     rows, labels = [], []
-    total = windows_per_volume * len(refs)
-    for step in range((total + batch_size - 1) // batch_size):
-        n = min(batch_size, total - step * batch_size)
+    for step in range((spec.windows_per_volume + batch_size - 1) // batch_size):
+        n = min(batch_size, spec.windows_per_volume - step * batch_size)
         batch = stream.batch(step, n)
         feats = features(pack_batch(batch, generator).to(device))
         for b in range(n):
             label, mask = batch["label"][b], batch["mask"][b]
-            flat = sample_window_voxels(label, mask, voxels_uniform, voxels_per_organ, rng)
+            flat = sample_window_voxels(label, mask, spec.voxels_uniform, spec.voxels_per_organ, rng)
             if not len(flat):
                 continue
             points = torch.from_numpy(np.stack(np.unravel_index(flat, label.shape), axis=1)).to(device)
             rows.append(gather_upsampled([f[b:b + 1] for f in feats], label.shape, points).half().cpu())
-            labels.append(torch.from_numpy(label.reshape(-1)[flat]))
+            labels.append(torch.from_numpy(label.reshape(-1)[flat].astype(np.int64)))
     if not rows:
+        return FeatureBank(torch.zeros(0, sum(features.feature_channels), dtype=torch.float16),
+                           torch.zeros(0, dtype=torch.long))
+    return FeatureBank(torch.cat(rows), torch.cat(labels))
+
+
+def backbone_fingerprint(features: BackboneFeatures) -> str:
+    """sha256 (16 hex) of the backbone's weights and the feature settings: the bank cache key's model part."""
+    digest = hashlib.sha256(repr((features.timesteps, features.cfg.model.model_dump(mode="json"),
+                                  features.cfg.diffusion.model_dump(mode="json"))).encode())
+    for name, tensor in sorted(features.backbone.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def build_bank(features: BackboneFeatures, refs: list[VolumeRef], spec: BankSpec,
+               cache_dir: str | Path | None = None) -> FeatureBank:
+    """The feature bank of ``refs``: ``volume_bank`` of each, concatenated. With ``cache_dir``, each volume's rows
+    are kept in ``cache_dir/<backbone+spec key>/<item_id>.npz`` and reused (another fold, protocol or label
+    budget on the same frozen backbone); writes are atomic."""
+    key = None
+    if cache_dir is not None:
+        key = hashlib.sha256((backbone_fingerprint(features) + repr(spec)).encode()).hexdigest()[:16]
+        Path(cache_dir, key).mkdir(parents=True, exist_ok=True)
+    parts = []
+    for ref in refs:
+        path = Path(cache_dir, key, f"{ref.item_id}.npz") if key else None
+        if path is not None and path.is_file():
+            with np.load(path) as z:
+                parts.append(FeatureBank(torch.from_numpy(z["features"]), torch.from_numpy(z["labels"])))
+            continue
+        bank = volume_bank(features, ref, spec)
+        if path is not None:
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+            np.savez(tmp, features=bank.features.numpy(), labels=bank.labels.numpy())
+            os.replace(tmp, path)
+        parts.append(bank)
+    bank = FeatureBank(torch.cat([b.features for b in parts]), torch.cat([b.labels for b in parts]))
+    if not len(bank):
         raise ValueError("the feature bank is empty: no window of the training volumes touched the body")
-    return FeatureBank(torch.cat(rows), torch.cat(labels).long())
+    return bank

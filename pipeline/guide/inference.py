@@ -21,7 +21,7 @@ from pipeline.evaluation.sliding import sliding_window_predict
 from pipeline.guide.bpr import BodyPartRegressor, bpr_coords
 from pipeline.guide.consistency import bodybox_scale_mm
 from pipeline.guide.model import GUIDE_WINDOW_HU, CoordinateGuide
-from pipeline.train.checkpoint import unwrap
+from pipeline.train.checkpoint import load_plain, unwrap
 
 GUIDE_FORMAT = "anatdiff.guide/1"
 
@@ -42,7 +42,7 @@ def _read_guide_file(path: str | Path) -> dict[str, Any]:
         path = path / "guide.pt"
     if not path.is_file():
         raise UserError(f"guide checkpoint '{path}' does not exist (train one with the guide job)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_plain(path)
     if not isinstance(payload, dict) or payload.get("format") != GUIDE_FORMAT:
         got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise UserError(f"'{path}' is not a guide checkpoint: format {got!r}, expected {GUIDE_FORMAT!r}")

@@ -1,12 +1,14 @@
 """The preprocess manifest: one row per item (accepted / rejected) or skipped input file.
 
 Schema in ``MANIFEST_SCHEMA``; columns are documented in docs/dataset-formats.md. Paths are relative to the
-folder holding ``manifest.parquet``.
+folder holding ``manifest.parquet``. Rows are built with every column plus ``INTERNAL_COLUMNS`` (kept in the
+private done markers); ``write_manifest`` publishes them without the internal columns and, unless the user
+opted in to readable names, without ``source`` and ``files`` (the input paths: they go to
+``OUT/private/sources.csv``, ``pipeline.ingest.private``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import Counter
 from pathlib import Path
@@ -18,8 +20,6 @@ import pyarrow.parquet as pq
 from pipeline.config import UserError
 
 MANIFEST_NAME = "manifest.parquet"
-#: default salt of ``patient_key``; set ANATDIFF_PHI_SALT to a secret for real patient data
-DEFAULT_PHI_SALT = "anatdiff-default-salt-v1"
 
 _str, _f3, _i3 = pa.string(), pa.list_(pa.float64()), pa.list_(pa.int64())
 MANIFEST_SCHEMA = pa.schema([
@@ -32,15 +32,32 @@ MANIFEST_SCHEMA = pa.schema([
     ("hu_hist_body", _i3), ("content_key", _str),
 ])
 COLUMNS = tuple(MANIFEST_SCHEMA.names)
+#: row fields that never reach the public manifest: the DICOM SeriesInstanceUID and a fingerprint of the
+#: series' slices (to find copies of one series in several folders), and whether a patient identifier was
+#: read but could not be keyed (no secret set)
+INTERNAL_COLUMNS = ("series_uid", "slices_key", "unkeyed_patient")
+#: columns holding input paths: published only with ``readable_ids``
+PATH_COLUMNS = ("source", "files")
 STATUSES = ("accepted", "rejected", "skipped")
 
 
+ROW_FIELDS = COLUMNS + INTERNAL_COLUMNS
+
+
 def empty_row(**values) -> dict:
-    """A manifest row: every column None (``has_label`` False, ``files`` []), then ``values``."""
-    unknown = set(values) - set(COLUMNS)
+    """A row: every column and internal field None (``has_label`` False, ``files`` []), then ``values``."""
+    unknown = set(values) - set(ROW_FIELDS)
     if unknown:
-        raise ValueError(f"unknown manifest columns {sorted(unknown)}; allowed: {COLUMNS}")
-    return {**{c: None for c in COLUMNS}, "files": [], "has_label": False, **values}
+        raise ValueError(f"unknown manifest columns {sorted(unknown)}; allowed: {ROW_FIELDS}")
+    return {**{c: None for c in ROW_FIELDS}, "files": [], "has_label": False, **values}
+
+
+def public_row(row: dict, readable: bool = False) -> dict:
+    """``row`` as published: no internal columns; ``source`` None and ``files`` [] unless ``readable``."""
+    out = {c: row.get(c) for c in COLUMNS}
+    if not readable:
+        out.update(source=None, files=[])
+    return out
 
 
 def skipped_row(rel_path: str, reason: str) -> dict:
@@ -48,24 +65,15 @@ def skipped_row(rel_path: str, reason: str) -> dict:
     return empty_row(source=rel_path, files=[rel_path], status="skipped", reason=reason)
 
 
-def patient_key(patient_id: str | None, salt: str | None = None) -> str | None:
-    """sha256 hex of ``salt + patient_id`` (salt: ANATDIFF_PHI_SALT or the project default); None if no ID.
-    The raw ID never reaches the manifest."""
-    if not patient_id:
-        return None
-    salt = salt if salt is not None else os.environ.get("ANATDIFF_PHI_SALT", DEFAULT_PHI_SALT)
-    return hashlib.sha256(f"{salt}{patient_id}".encode()).hexdigest()
-
-
-def write_manifest(rows: list[dict], out_dir: str | Path) -> Path:
+def write_manifest(rows: list[dict], out_dir: str | Path, readable: bool = False) -> Path:
     """Write ``out_dir/manifest.parquet`` atomically (temporary file, then rename), sorted by status, item_id,
-    source. Raises ValueError for an unknown column or status."""
+    source; rows as ``public_row(row, readable)``. Raises ValueError for an unknown column or status."""
     rows = [empty_row(**r) for r in rows]
     bad = {r["status"] for r in rows} - set(STATUSES)
     if bad:
         raise ValueError(f"manifest status must be one of {STATUSES}, got {sorted(bad)}")
     rows.sort(key=lambda r: (STATUSES.index(r["status"]), r["item_id"] or "", r["source"] or ""))
-    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    table = pa.Table.from_pylist([public_row(r, readable) for r in rows], schema=MANIFEST_SCHEMA)
     out = Path(out_dir) / MANIFEST_NAME
     tmp = out.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)

@@ -54,11 +54,69 @@ def check_header(header: dict, max_voxels: int) -> None:
         raise Rejected(f"too few slices: {min(size)} < {MIN_SLICES} (size x, y, z {size})")
 
 
-def check_complete(expected_bytes: int, stored_bytes: int) -> None:
+def check_complete(expected_bytes: int, stored_bytes: int, slack_bytes: int = 1 << 20) -> None:
     """A file holding fewer pixel bytes than its header promises is truncated (an interrupted copy or
-    download). Raises Rejected."""
+    download); a compressed stream holding more than ``slack_bytes`` beyond them is oversized (a gzip bomb, or
+    a header that understates the data; counting stops there). Raises Rejected."""
     if stored_bytes < expected_bytes:
         raise Rejected(f"truncated: {stored_bytes} of {expected_bytes} pixel bytes present")
+    if stored_bytes > expected_bytes + slack_bytes:
+        raise Rejected(f"oversized: the compressed stream holds more than {stored_bytes} bytes where the header "
+                       f"promises {expected_bytes} (a gzip bomb or a wrong header; reading stopped there)")
+
+
+def _corner_gap_mm(a: np.ndarray, b: np.ndarray, shape_xyz) -> float:
+    """Largest distance (mm) between where the (4, 4) affines ``a`` and ``b`` put the corner voxels of a grid."""
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape_xyz[0] - 1) for j in (0, shape_xyz[1] - 1)
+                        for k in (0, shape_xyz[2] - 1)]).T
+    return float(np.max(np.linalg.norm((a @ corners - b @ corners)[:3], axis=0)))
+
+
+def _mm(values) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+
+
+def check_nifti_geometry(source: str, affines: dict[str, np.ndarray], shape_xyz, itk_affine: np.ndarray) -> None:
+    """The geometry sources of a NIfTI header must agree, to within half the smallest voxel at every corner of
+    the image; ``source`` names the one the NIfTI rules pick (sform if sform_code > 0, else qform, else
+    pixdim; ``pipeline.io.readers.nifti_best_affine``), ``affines`` holds all of them (RAS, 4 x 4) and
+    ``itk_affine`` is what SimpleITK read. Rejects a degenerate chosen affine (a zero or non-finite voxel
+    axis), a sheared sform, pixdim that disagrees with the sform (e.g. pixdim 0 mm where the sform says
+    1.5 mm: ITK would substitute 1 mm), an sform and a qform that disagree, and an ITK reading that differs
+    from the rule. With neither sform nor qform the file defines voxel sizes only (NIfTI method 1, no
+    orientation): only those are compared, and the orientation is SimpleITK's (LPS identity). Raises Rejected.
+    """
+    chosen = affines[source]
+    axes = np.linalg.norm(chosen[:3, :3], axis=0)
+    if not np.all(np.isfinite(chosen)) or axes.min() <= 1e-6 or abs(np.linalg.det(chosen[:3, :3])) <= 1e-9:
+        raise Rejected(f"bad geometry: the NIfTI {source} is degenerate (voxel axes {_mm(axes)} mm)")
+    tol = 0.5 * float(axes.min())
+    if source == "sform":
+        unit = chosen[:3, :3] / axes
+        shear = float(np.degrees(np.arcsin(min(1.0, np.abs(unit.T @ unit - np.eye(3)).max()))))
+        if shear > 0.1:
+            raise Rejected(f"bad geometry: the NIfTI sform is sheared (voxel axes {shear:.2f} degrees off "
+                           "perpendicular); SimpleITK would read it as a rotation")
+        pixdim = np.diag(affines["pixdim"])[:3]
+        scaled = chosen.copy()
+        scaled[:3, :3] = unit * np.where(np.isfinite(pixdim), pixdim, 0.0)
+        if not np.all(pixdim > 0) or _corner_gap_mm(chosen, scaled, shape_xyz) > tol:
+            raise Rejected(f"inconsistent geometry: pixdim says {_mm(pixdim)} mm but the sform says {_mm(axes)} mm "
+                           "per voxel (x, y, z)")
+        if "qform" in affines and _corner_gap_mm(chosen, affines["qform"], shape_xyz) > tol:
+            gap = _corner_gap_mm(chosen, affines["qform"], shape_xyz)
+            raise Rejected(f"inconsistent geometry: the NIfTI sform and qform place the image up to {gap:.1f} mm "
+                           "apart")
+    if source == "pixdim":  # no sform, no qform: the file defines voxel sizes only, its orientation is ITK's
+        itk_axes = np.linalg.norm(itk_affine[:3, :3], axis=0)
+        if np.max(np.abs(itk_axes - axes) * (np.asarray(shape_xyz[:3]) - 1)) > tol:
+            raise Rejected(f"inconsistent geometry: SimpleITK reads {_mm(itk_axes)} mm per voxel where pixdim says "
+                           f"{_mm(axes)} mm")
+        return
+    gap = _corner_gap_mm(chosen, itk_affine, shape_xyz)
+    if gap > tol:
+        raise Rejected(f"inconsistent geometry: SimpleITK reads the image up to {gap:.1f} mm away from where its "
+                       f"NIfTI {source} puts it")
 
 
 def check_pixels(image: sitk.Image, raw_nonfinite: int = 0) -> None:
@@ -89,6 +147,15 @@ def check_localizer(image_types: list[str] | tuple[str, ...]) -> None:
         raise Rejected(f"localizer: ImageType {flagged}")
     if len(image_types) <= LOCALIZER_MAX_SLICES:
         raise Rejected(f"localizer: {len(image_types)}-slice DICOM series (scout)")
+
+
+def check_multiframe(frames: int, sop_class: str) -> None:
+    """One DICOM file holding several frames (an enhanced multi-frame CT, or a multi-frame secondary capture)
+    is not read: its per-frame geometry lives in functional groups. Raises Rejected."""
+    if frames > 1:
+        what = "an enhanced CT" if sop_class == "1.2.840.10008.5.1.4.1.1.2.1" else f"SOP class {sop_class or '?'}"
+        raise Rejected(f"multi-frame DICOM: one file holds {frames} frames ({what}); convert it to one file per "
+                       "slice or to NIfTI first (e.g. dcm2niix)")
 
 
 def check_slice_positions(positions_mm) -> None:

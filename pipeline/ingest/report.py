@@ -1,7 +1,8 @@
 """The corpus report of a preprocess run: accounting, reasons, and per-scanner spacing / HU statistics.
 
 Pure pandas/numpy; plots with matplotlib's Figure API (no pyplot state). Written by the driver as
-``OUT/report.json``, ``OUT/report.md``, ``OUT/scanners.csv``, ``OUT/scanners.md`` and ``OUT/plots/*.png``.
+``OUT/report.json``, ``OUT/report.md``, ``OUT/scanners.csv``, ``OUT/scanners.md`` and ``OUT/plots/*.png``; these
+hold counts only: the paths of unaccounted files go to ``OUT/private/accounting.json``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.ingest.manifest import reason_class
+from pipeline.ingest.manifest import COLUMNS, empty_row, reason_class
+from pipeline.ingest.private import write_private_records
 
 #: HU histogram of body voxels: 64 bins over [-1024, 2000] HU; values outside go to the end bins
 HU_EDGES = np.linspace(-1024.0, 2000.0, 65)
@@ -118,7 +120,7 @@ def report_markdown(report: dict, scanners: pd.DataFrame) -> str:
     c, f = report["counts"], report["files"]
     lines = ["# Preprocess report", "", f"- accepted: {c['accepted']}", f"- rejected: {c['rejected']}",
              f"- skipped: {c['skipped']}", f"- input files: {f['input']}, accounted: {f['in_manifest']}, "
-             f"missing: {len(f['missing'])}, duplicated: {len(f['duplicated'])}", ""]
+             f"missing: {f['missing']}, duplicated: {f['duplicated']} (paths in private/accounting.json)", ""]
     for title, key in (("Rejected by reason", "rejected_by_reason"), ("Skipped by reason", "skipped_by_reason")):
         lines += [f"## {title}", ""] + ([f"- {r}: {n}" for r, n in report[key].items()] or ["- none"]) + [""]
     lines += ["## Per scanner", "", markdown_table(scanners), ""]
@@ -156,12 +158,22 @@ def plot_scanners(manifest: pd.DataFrame, out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_reports(manifest: pd.DataFrame, input_files: list[str], out_dir: str | Path,
+def public_report(report: dict) -> dict:
+    """``report`` with its path lists (``files``: missing, duplicated, unknown) replaced by their counts."""
+    files = {k: len(v) if isinstance(v, list) else v for k, v in report["files"].items()}
+    return {**report, "files": files}
+
+
+def write_reports(rows: list[dict], input_files: list[str], out_dir: str | Path,
                   extra: dict | None = None) -> tuple[dict, list[Path]]:
-    """Write report.json, report.md, scanners.csv, scanners.md and plots/*.png into ``out_dir``; return the
-    report dict and the written paths."""
+    """Write report.json, report.md, scanners.csv, scanners.md and plots/*.png into ``out_dir`` (counts, no
+    path), and ``private/sources.csv`` + ``private/accounting.json`` (the paths) from the full manifest
+    ``rows`` (with their ``files``); return the public report dict and the public paths."""
     out_dir = Path(out_dir)
-    report = corpus_report(manifest, input_files, extra)
+    manifest = pd.DataFrame([empty_row(**r) for r in rows], columns=list(COLUMNS))
+    full = corpus_report(manifest, input_files, extra)
+    write_private_records(rows, {k: v for k, v in full["files"].items() if isinstance(v, list)}, out_dir)
+    report = public_report(full)
     scanners = scanner_table(manifest)
     paths = [out_dir / n for n in ("report.json", "report.md", "scanners.csv", "scanners.md")]
     texts = (json.dumps(report, indent=2) + "\n", report_markdown(report, scanners),

@@ -2,51 +2,51 @@
 
 Content key (the choice, for speed at 10,000 CTs in object storage): sha256 over each file's relative path,
 size in bytes and modification time (from the listing, so no byte is read or downloaded to decide), plus
-the settings that change the outputs (target spacing, body threshold, max_voxels) and ``KEY_VERSION``. A
-file rewritten in place with the same size and mtime would not be noticed; change ``KEY_VERSION`` or delete
-``OUT/done/`` to force a full rerun.
+the settings that change the outputs (target spacing, body threshold, max_voxels, readable_ids), a keyed
+fingerprint of the patient-key secret (``pipeline.ingest.phi.secret_tag``) and ``KEY_VERSION``. A file
+rewritten in place with the same size and mtime would not be noticed; change ``KEY_VERSION`` or delete
+``OUT/private/done/`` to force a full rerun.
 
-A worker writes its arrays under temporary names and renames them, then writes ``OUT/done/<item_id>.json``
-(the rows and the key, also via rename). A rerun reuses an item whose marker holds the same key and whose
-arrays all exist; everything else is processed again, overwriting partial outputs.
+A worker writes its arrays under temporary names and renames them, then writes
+``OUT/private/done/<item_id>.json`` (the rows with their input paths, and the key; also via rename). A rerun
+reuses an item whose marker holds the same key and whose arrays all exist; everything else is processed
+again, overwriting partial outputs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from pipeline.config import PreprocessConfig
+from pipeline.ingest.private import private_dir, write_private_text
 from pipeline.io.filesystems import FileEntry
 
-KEY_VERSION = "anatdiff-preprocess-1"
-DONE_DIR = "done"
+KEY_VERSION = "anatdiff-preprocess-2"
+DONE_DIR = "private/done"
 _OUTPUT_COLUMNS = ("image_path", "mask_path", "label_path")
 
 
-def content_key(files: list[str] | tuple[str, ...], listing: dict[str, FileEntry], cfg: PreprocessConfig) -> str:
-    """sha256 hex of the item's files (relative path, size, mtime) and the output-changing settings."""
+def content_key(files: list[str] | tuple[str, ...], listing: dict[str, FileEntry], cfg: PreprocessConfig,
+                secret_tag: str = "") -> str:
+    """sha256 hex of the item's files (relative path, size, mtime), the output-changing settings and
+    ``secret_tag`` (the patient-key secret's fingerprint)."""
     h = hashlib.sha256(KEY_VERSION.encode())
-    h.update(repr((tuple(cfg.target_spacing_zyx_mm), cfg.body_threshold_hu, cfg.max_voxels)).encode())
+    h.update(repr((tuple(cfg.target_spacing_zyx_mm), cfg.body_threshold_hu, cfg.max_voxels, cfg.readable_ids,
+                   secret_tag)).encode())
     for rel in sorted(files):
         e = listing[rel]
         h.update(f"\0{rel}\0{e.size}\0{e.mtime_ns}".encode())
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_done(out_dir: str | Path, item_id: str, key: str, rows: list[dict]) -> Path:
-    """Record that ``item_id`` with content ``key`` is finished, with its manifest rows (atomic)."""
+    """Record that ``item_id`` with content ``key`` is finished, with its manifest rows (atomic, 0600)."""
+    private_dir(out_dir)
     path = Path(out_dir) / DONE_DIR / f"{item_id}.json"
-    _atomic_write_text(path, json.dumps({"content_key": key, "rows": rows}))
+    path.parent.mkdir(exist_ok=True)
+    write_private_text(path, json.dumps({"content_key": key, "rows": rows}))
     return path
 
 

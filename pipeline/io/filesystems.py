@@ -21,10 +21,13 @@ otherwise retry for 15 minutes; the job then stops with one line naming the miss
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
@@ -45,11 +48,82 @@ _CHUNK_BYTES = 8 << 20
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One input file: POSIX path relative to the root, size in bytes, modification time in ns (0 unknown)."""
+    """One input file: POSIX path relative to the root, size in bytes, modification time in ns (0 unknown).
+    ``skip``: why the entry is listed but is no readable regular file (a broken or looping symbolic link, a
+    fifo, a folder that cannot be listed); None for a regular file."""
 
     rel: str
     size: int
     mtime_ns: int
+    skip: str | None = None
+
+
+def _special_reason(mode: int) -> str:
+    kind = ("fifo" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else
+            "device" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else "special file")
+    return f"not a regular file ({kind}; never opened)"
+
+
+def _link_target(path: str, root_real: str) -> tuple[str, str | None]:
+    """('dir' | 'file' | 'skip', reason) of a symbolic link; links to folders inside the root are not
+    followed (the folder is read where it lies)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return "skip", ("symbolic link loop" if e.errno == errno.ELOOP else
+                        "broken symbolic link (its target does not exist)" if e.errno == errno.ENOENT else
+                        f"unreadable symbolic link ({e.strerror})")
+    if stat.S_ISDIR(st.st_mode):
+        real = os.path.realpath(path)
+        if real == root_real or real.startswith(root_real + os.sep):
+            return "skip", "symbolic link to a folder inside the input (read there, not twice)"
+        return "dir", None
+    if stat.S_ISREG(st.st_mode):
+        return "file", None
+    return "skip", _special_reason(st.st_mode)
+
+
+def _entry_kind(e: os.DirEntry, root_real: str, visited: set) -> tuple[str, str | None]:
+    """('dir' | 'file' | 'skip', reason) of one folder entry; a folder is walked once (``visited``: the
+    (device, inode) of every folder scheduled so far), a second way to it is reported."""
+    if e.is_symlink():
+        kind, reason = _link_target(e.path, root_real)
+    else:
+        mode = e.stat(follow_symlinks=False).st_mode
+        kind = "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "skip"
+        reason = _special_reason(mode) if kind == "skip" else None
+    if kind != "dir":
+        return kind, reason
+    if not os.access(e.path, os.R_OK | os.X_OK):
+        return "skip", "folder that cannot be listed (permission denied)"
+    st = os.stat(e.path)
+    if (st.st_dev, st.st_ino) in visited:
+        return "skip", "symbolic link to a folder already read (a loop, or a second link to it)"
+    visited.add((st.st_dev, st.st_ino))
+    return "dir", None
+
+
+def walk_local(root: str | Path) -> Iterator[tuple[Path, list[str], list[str], list[tuple[str, str]]]]:
+    """``os.walk`` of a local folder, top-down with sorted names: (folder, subfolders, regular files,
+    [(name, reason)] of entries that are neither). Symbolic links to files are files; links to folders
+    outside ``root`` are walked once; links into ``root``, link loops, broken links, fifos, sockets and
+    devices are reported, never followed or opened. A folder that cannot be listed is reported in its parent.
+    """
+    root_real = os.path.realpath(root)
+    st = os.stat(root)
+    visited: set[tuple[int, int]] = {(st.st_dev, st.st_ino)}
+    stack = [Path(root)]
+    while stack:
+        folder = stack.pop()
+        dirs, files, special = [], [], []
+        for e in sorted(os.scandir(folder), key=lambda e: e.name):
+            kind, reason = _entry_kind(e, root_real, visited)
+            if kind == "skip":
+                special.append((e.name, reason))
+            else:
+                (dirs if kind == "dir" else files).append(e.name)
+        yield folder, dirs, files, special
+        stack.extend(folder / d for d in reversed(dirs))
 
 
 def is_remote(uri: str | Path) -> bool:
@@ -119,8 +193,32 @@ def _public(uri: str | Path) -> str:
     return f"{scheme}{sep}{rest.split('@', 1)[-1]}" if sep else text
 
 
+def _list_local(root: str) -> list[FileEntry]:
+    """``walk_local`` as FileEntry rows: regular files with size and mtime, other entries with their ``skip``."""
+    out = []
+    for folder, _, files, special in walk_local(root):
+        rel_dir = Path(folder).relative_to(root).as_posix()
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        for name in files:
+            st = os.stat(folder / name)
+            out.append(FileEntry(prefix + name, int(st.st_size), int(st.st_mtime_ns)))
+        for name, reason in special:
+            st = os.lstat(folder / name)
+            out.append(FileEntry(prefix + name, 0, int(st.st_mtime_ns), reason))
+    return out
+
+
 def list_files(uri: str | Path) -> list[FileEntry]:
-    """Every regular file under the root, sorted by relative path. Raises UserError when the root is missing."""
+    """Every file under the root, sorted by relative path: regular files, and (local roots) the entries
+    ``walk_local`` reports with a ``skip`` reason. Raises UserError when the root is missing."""
+    if not is_remote(uri):
+        root = os.path.abspath(uri)
+        if not os.path.isdir(root):
+            what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+            raise UserError(f"input folder '{uri}' {what}: pass a folder of CT images (--input)")
+        if not os.access(root, os.R_OK | os.X_OK):
+            raise UserError(f"input folder '{uri}' cannot be listed (permission denied)")
+        return sorted(_list_local(root), key=lambda e: e.rel)
     fs, root = open_root(uri)
     try:
         info = fs.get_file_info(root)
@@ -160,6 +258,7 @@ def shadow_tree(uri: str | Path, entries: list[FileEntry], dst: str | Path) -> P
     """Replay a listing under ``dst``: empty placeholders, except the small files discovery reads
     (``dataset.json``, ``patients.csv``, ``*.mhd`` headers), which are downloaded."""
     dst = Path(dst)
+    entries = [e for e in entries if e.skip is None]
     reads = [e.rel for e in entries if Path(e.rel).name in _DISCOVERY_READS or e.rel.lower().endswith(".mhd")]
     for e in entries:
         (dst / e.rel).parent.mkdir(parents=True, exist_ok=True)

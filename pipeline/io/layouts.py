@@ -6,13 +6,19 @@ and DICOM folders. Every file under the root ends up either in one item's ``file
 reason, so the manifest can account for every input file.
 
 Discovery opens no image or DICOM file (it also runs on the placeholder shadow tree of an object-store root):
-the DICOM candidates of a folder form one ``dicom-folder`` item, which the worker splits into series
-(``pipeline.io.dicom.split_series``).
+DICOM is recognised by content, in the worker. Every file of a folder that is not an image file by its ending
+nor a document, archive or picture (``is_dicom_candidate``) joins the folder's one ``dicom-folder`` item, which
+the worker splits into series by reading each file's header once (``pipeline.io.dicom.split_series``); files
+without a DICOM header come back as skipped rows. A folder holding a ``DICOMDIR`` (a CD/DVD/USB export) makes
+its whole subtree one ``dicom-folder`` item, so that a series spread over several subfolders stays one series.
+
+Item ids (``make_item_id``) carry no part of a file or folder name unless ``readable_ids`` is chosen.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -20,11 +26,21 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from pipeline.config import UserError
+from pipeline.io.filesystems import walk_local
 
 #: file name endings read as one image file each, longest first
 IMAGE_ENDINGS: dict[str, str] = {".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd", ".mha": "mha",
                                  ".mhd": "mha"}
-_DICOM_SUFFIXES = {"", ".dcm", ".ima", ".dicom"}
+#: endings of files that are never DICOM (documents, archives, pictures, code, other data): skipped at discovery
+_NOT_DICOM_SUFFIXES = {
+    ".txt", ".json", ".csv", ".tsv", ".md", ".rst", ".pdf", ".doc", ".docx", ".xls", ".xlsx", ".xml", ".html",
+    ".htm", ".log", ".ini", ".cfg", ".yaml", ".yml", ".zip", ".gz", ".tgz", ".tar", ".bz2", ".xz", ".7z", ".rar",
+    ".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".svg", ".py", ".sh", ".bat", ".exe", ".dll",
+    ".inf", ".db", ".sqlite", ".npy", ".npz", ".pt", ".pth", ".h5", ".hdf5", ".parquet", ".raw", ".img", ".hdr"}
+#: the index file of a DICOM media export; its folder's whole subtree is read as one DICOM item
+DICOMDIR_NAME = "dicomdir"
+#: prefix of keyed item ids
+ID_PREFIX = "ct-"
 #: kind of a folder's DICOM files before they are split into series (by the worker)
 DICOM_FOLDER = "dicom-folder"
 #: optional ``source,patient`` table in the input root (see docs/dataset-formats.md)
@@ -86,11 +102,28 @@ def _strip_ending(name: str) -> str:
     return name
 
 
-def make_item_id(source: str) -> str:
-    """``<stem>-<8 hex of sha1(source)>``: filesystem-safe, deterministic, unique per relative source path."""
+def make_item_id(source: str, key: bytes | None = None) -> str:
+    """The id of the item at ``source`` (relative path; ``folder#series`` for one series of a folder).
+
+    With ``key`` (what the preprocess job uses: a random key kept in ``OUT/private/``): ``ct-`` + 16 hex digits
+    of HMAC-SHA256(key, source), so no part of a file or folder name (often a patient's name or accession
+    number) reaches an output name, MLflow or a log, and the name cannot be guessed back without the key.
+    Without ``key`` (``readable_ids: true``, for public data): ``<stem>-<8 hex of sha1(source)>``.
+    Deterministic and unique per source either way.
+    """
+    if key is not None:
+        return ID_PREFIX + hmac.new(key, source.encode(), hashlib.sha256).hexdigest()[:16]
     stem = _strip_ending(Path(source.split("#")[0]).name) or "root"
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "item"
     return f"{stem[:60]}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
+
+
+def derived_item_id(parent: "Item", part: str) -> str:
+    """The id of ``part`` (a series label) of the discovered item ``parent``: readable when ``parent``'s id
+    is, else ``ct-`` + 16 hex of sha256(parent id + part), as unguessable as the keyed parent id."""
+    if parent.item_id == make_item_id(parent.source):
+        return make_item_id(f"{parent.source}#{part}")
+    return ID_PREFIX + hashlib.sha256(f"{parent.item_id}#{part}".encode()).hexdigest()[:16]
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -109,9 +142,12 @@ def _mhd_data_files(mhd: Path) -> list[Path]:
 
 
 def is_dicom_candidate(name: str) -> bool:
-    """A file name that may hold DICOM: ``.dcm``, ``.ima``, ``.dicom`` or no extension, not hidden."""
-    return (Path(name).suffix.lower() in _DICOM_SUFFIXES and not image_kind(name)
-            and not name.startswith(".") and name != PATIENTS_CSV)
+    """A file that may hold DICOM, decided later from its content: any name except hidden files, image files
+    (``.nii``, ``.nrrd``, ...), ``patients.csv`` and the endings of documents, archives and pictures. Exports
+    name slices ``IM0001``, by their SOP Instance UID (``1.3.12.2.1107.5.1.4.12345``, ``CT.1.2.840...``),
+    ``*.dcm``, ``*.ima``, or anything else."""
+    return not (name.startswith(".") or image_kind(name) or name == PATIENTS_CSV
+                or Path(name.lower()).suffix in _NOT_DICOM_SUFFIXES)
 
 
 def _file_item(root: Path, image: Path, label: Path | None, extra: list[Path] = ()) -> Item:
@@ -138,10 +174,10 @@ def _btcv_items(root: Path, base: Path) -> tuple[list[Item], list[tuple[str, str
     if not (img_dir.is_dir() and label_dir.is_dir()):
         return [], []
     labels = {m.group(1): p for p in sorted(label_dir.iterdir())
-              if (m := re.fullmatch(r"label(\d+)\.nii(\.gz)?", p.name))}
+              if (m := re.fullmatch(r"label(\d+)\.nii(\.gz)?", p.name)) and p.is_file()}
     items, used = [], set()
     for p in sorted(img_dir.iterdir()):
-        if m := re.fullmatch(r"img(\d+)\.nii(\.gz)?", p.name):
+        if (m := re.fullmatch(r"img(\d+)\.nii(\.gz)?", p.name)) and p.is_file():
             label = labels.get(m.group(1))
             used.add(label)
             items.append(_file_item(root, p, label))
@@ -239,28 +275,50 @@ def _folder_items(root: Path, folder: Path, names: list[str], accounted: set[str
     return items, skipped
 
 
-def discover_items(input_root: str | Path) -> tuple[list[Item], list[tuple[str, str]]]:
+def _dicomdir_items(root: Path, tree: list, accounted: set[str]) -> list[Item]:
+    """One ``dicom-folder`` item per folder holding a ``DICOMDIR``: every DICOM candidate of its subtree."""
+    items = []
+    for folder, _, names, _ in tree:
+        if not any(n.lower() == DICOMDIR_NAME for n in names) or _rel(folder, root) in accounted:
+            continue
+        inside = [Path(f) / n for f, _, ns, _ in tree if f == folder or folder in Path(f).parents for n in ns
+                  if is_dicom_candidate(n)]
+        found = [i for i in _dicom_folder_item(root, folder, [p for p in inside if _rel(p, root) not in accounted])
+                 if not accounted & set(i.files)]
+        items += found
+        accounted |= {f for i in found for f in i.files}
+    return items
+
+
+def discover_items(input_root: str | Path, id_key: bytes | None = None) -> tuple[list[Item], list[tuple[str, str]]]:
     """Items (image + optional label) under ``input_root`` and the files skipped, as (relative path, reason).
 
     In every folder (top-down) the BTCV and nnU-Net v2 / MSD layouts are tried first; files they do not claim
     (e.g. ``imagesTs/``) are read as a plain folder. Every file under the root appears in exactly one item's
-    ``files`` or in ``skipped``.
+    ``files`` or in ``skipped`` (symbolic link loops, fifos and other entries ``walk_local`` reports among
+    them). ``id_key``: see ``make_item_id`` (None: readable ids).
     Raises UserError when the folder is missing or holds no image.
     """
     root = Path(os.path.abspath(input_root))
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"
         raise UserError(f"input folder '{input_root}' {what}: pass a folder of CT images (--input)")
+    tree = list(walk_local(root))
     items, skipped, accounted = [], [], set()
-    for folder, dirs, names in os.walk(root):
-        dirs.sort()
+    items += _dicomdir_items(root, tree, accounted)
+    accounted |= {f for i in items for f in i.files}
+    for folder, _, names, special in tree:
+        skipped += [(_rel(folder / n, root), reason) for n, reason in special]
+        accounted |= {_rel(folder / n, root) for n, _ in special}
         for find in (_btcv_items, _nnunet_items, None):
             found, skip = (find(root, Path(folder)) if find else
-                           _folder_items(root, Path(folder), sorted(names), accounted))
+                           _folder_items(root, Path(folder), names, accounted))
             found = [i for i in found if not accounted & set(i.files)]
             items, skipped = items + found, skipped + [s for s in skip if s[0] not in accounted]
             accounted |= {f for i in found for f in i.files} | {s for s, _ in skip}
     if not items:
         raise UserError(f"input folder '{input_root}' holds no CT image (looked for "
                         f"{', '.join(IMAGE_ENDINGS)} files and DICOM series; {len(skipped)} other files)")
+    if id_key is not None:
+        items = [replace(i, item_id=make_item_id(i.source, id_key)) for i in items]
     return sorted(items, key=lambda i: i.source), sorted(skipped)

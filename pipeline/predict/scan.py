@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.ingest.geometry import Grid
-from pipeline.ingest.preprocess import (check_dicom_series, dicom_fields, label_on_grid, one_line, read_checked,
+from pipeline.ingest.preprocess import (dicom_fields, label_on_grid, one_line, read_checked, read_series,
                                         split_dicom_folder)
 from pipeline.ingest.qc import Rejected
 from pipeline.ingest.resume import write_done
 from pipeline.io.filesystems import download, is_remote, remove_tree
+from pipeline.io.dicom import Series
 from pipeline.io.layouts import DICOM_FOLDER, Item
 from pipeline.labels import ORGANS
 from pipeline.predict.outputs import organ_volumes_ml, overlay_png, voxel_volume_ml, write_label_nifti
@@ -66,12 +67,21 @@ def dice_per_organ(truth_zyx: np.ndarray, pred_zyx: np.ndarray) -> dict[str, flo
     return {name: float(2 * both[k] / (t[k] + p[k])) for k, name in enumerate(ORGANS, start=1) if t[k] + p[k]}
 
 
-def _predict(item: Item, segmenter: Segmenter, out_dir: Path, row: dict, options: PredictOptions) -> None:
+def _read(item: Item, series: Series | None, max_voxels: int):
+    """The image of one series (from the header pass of ``split_dicom_folder``) or image file, through the
+    preprocess QC. Raises Rejected."""
+    if series is None:
+        return read_checked(item, max_voxels)
+    if series.damaged:
+        raise Rejected(f"damaged slice: {len(series.damaged)} file(s) of this series could not be read")
+    dicom_fields(series.headers[0].tags, secret=None)  # QC only (modality CT); nothing it reads is kept
+    return read_series(series, max_voxels)
+
+
+def _predict(item: Item, segmenter: Segmenter, out_dir: Path, row: dict, options: PredictOptions,
+             series: Series | None = None) -> None:
     """Fill ``row`` and write the outputs of one readable series or image file. Raises Rejected."""
-    if item.kind == "dicom":
-        dicom_fields(item)      # QC only (modality CT); nothing it reads is kept
-        check_dicom_series(item)
-    image = read_checked(item, options.max_voxels)
+    image = _read(item, series, options.max_voxels)
     inputs = model_input(image, segmenter.spacing_zyx_mm, segmenter.body_threshold_hu)
     probs = checked_probs(segmenter.predict_probs(inputs.volume_hu, inputs.mask), inputs.volume_hu.shape)
     labels = labels_on_reference(probs, inputs.grid, image)
@@ -100,7 +110,7 @@ def _predict(item: Item, segmenter: Segmenter, out_dir: Path, row: dict, options
 
 
 def predict_item(item: Item | dict, segmenter: Segmenter, out_dir: str | Path,
-                 options: PredictOptions = PredictOptions()) -> dict:
+                 options: PredictOptions = PredictOptions(), series: Series | None = None) -> dict:
     """Predict one image file or DICOM series into ``out_dir``; return its row (a JSON-able dict).
 
     Writes ``<item_id>.nii.gz`` (uint8 BTCV labels with the input image's size, spacing, origin and
@@ -109,13 +119,17 @@ def predict_item(item: Item | dict, segmenter: Segmenter, out_dir: str | Path,
     layout), the Dice per organ against it. Never raises for a bad input.
     """
     item = Item.from_dict(item) if isinstance(item, dict) else item
+    if item.kind == DICOM_FOLDER and series is None:
+        found, _ = split_dicom_folder(item)
+        if len(found) == 1:
+            (item, series), = found
     out_dir = Path(out_dir)
     row = new_row(item_id=item.item_id, source=item.source, kind=item.kind, files=list(item.files))
     start = time.perf_counter()
     try:
         if item.kind == DICOM_FOLDER:
             raise Rejected("several series: this folder holds no single DICOM series; use predict_unit")
-        _predict(item, segmenter, out_dir, row, options)
+        _predict(item, segmenter, out_dir, row, options, series)
         row["status"] = "predicted"
     except Rejected as e:
         row.update(status="rejected", reason=str(e))
@@ -139,9 +153,7 @@ def predict_series(item: Item, segmenter: Segmenter, out_dir: str | Path,
     if item.kind != DICOM_FOLDER:
         return [predict_item(item, segmenter, out_dir, options)]
     series, skipped = split_dicom_folder(item)
-    if len(series) == 1:
-        series = [replace(series[0], item_id=item.item_id, source=item.source)]
-    rows = [predict_item(s, segmenter, out_dir, options) for s in series]
+    rows = [predict_item(s_item, segmenter, out_dir, options, s) for s_item, s in series]
     if item.label and not series:
         skipped.append((item.files[-1], "label without image (its DICOM folder holds no readable series)"))
     return rows + [skipped_row(rel, reason) for rel, reason in skipped]

@@ -51,6 +51,7 @@ def series_tags(meta: dict) -> dict[str, str]:
         "0020|0037": "1\\0\\0\\0\\1\\0", "0018|5100": "HFS",
         "0028|1052": "0", "0028|1053": "1", "0028|1050": "40", "0028|1051": "400",
         "0010|0010": f"PHANTOM^{case}", "0010|0020": f"PH-{meta['seed']}-{meta['index']}",
+        "0012|0062": "YES", "0012|0063": "synthetic phantom, no patient",  # PatientIdentityRemoved: no secret needed
         "0008|103e": f"phantom {meta['fov']['name']} {sc['kernel']}", "0020|0011": "1",
         "0020|000d": dicom_uid(case, "study"), "0020|000e": dicom_uid(case, "series"),
         "0020|0052": dicom_uid(case, "frame"),

@@ -2,12 +2,18 @@
 
 ``state.pt``: model, EMA, optimizer, step (the data stream is a function of the step, so it needs no state).
 ``model.pt``: EMA weights + the resolved pretrain config, loadable with ``load_pretrained``.
+
+Every file holds tensors and plain data only (dicts, lists, tuples, str, int, float, bool, None; configs as
+``model_dump(mode="json")``) and is read with ``load_plain`` (``torch.load(weights_only=True)``): a checkpoint
+may come from a shared MLflow server or bucket, and unpickling arbitrary objects would run their code.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import pickle
 
 import torch
 from torch import nn
@@ -43,8 +49,23 @@ def save_state(directory: Path, model: nn.Module, ema: nn.Module, optimizer, ste
     save_model(directory / MODEL_FILE, ema, cfg, step)
 
 
+def load_plain(path: str | Path, map_location="cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain Python data only, never arbitrary objects.
+
+    Raises UserError naming the file when it holds anything else (a pickled class or function: a file
+    not written by anatdiff, or a tampered one), instead of running that object's code.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"'{path}' holds more than tensors and plain data, refused (torch.load weights_only: "
+                        f"{first[:200]})") from None
+
+
 def load_state(directory: Path, map_location="cpu") -> dict[str, Any]:
-    return torch.load(directory / STATE_FILE, map_location=map_location, weights_only=False)
+    """The ``state.pt`` dict of a checkpoint folder (see ``save_state``)."""
+    return load_plain(directory / STATE_FILE, map_location=map_location)
 
 
 def save_model(path: Path, model: nn.Module, cfg: PretrainConfig, step: int) -> None:
@@ -63,7 +84,7 @@ def load_pretrained(path: str | Path, random_init: bool = False, seed: int = 0) 
         path = path / MODEL_FILE
     if not path.is_file():
         raise UserError(f"no pretrained model at '{path}'")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = load_plain(path)
     if not isinstance(blob, dict) or blob.get("format") != "anatdiff.model/1":
         raise UserError(f"'{path}' is not an anatdiff model file (expected format anatdiff.model/1)")
     cfg = PretrainConfig.model_validate(blob["config"])
