@@ -539,6 +539,10 @@ class DemoConfig(StrictModel):
     real_ct: str | None = Field("tests/data/real-ct", description="real CT: the guide's check, the segmenter's "
                                                                  "real training case and the scans predicted")
     guide_preset: str = Field("guide-tiny", description="train-guide preset or YAML file")
+    guide_real_share: float = Field(
+        0.2, ge=0, lt=1, description="share of the guide's crop pairs cut from the real unlabelled chest CTs "
+                                    "(real_ct/chest; the real abdomen stays held out for the guide's scores); "
+                                    "0: phantoms only")
     guide: dict[str, Any] = Field(default_factory=dict, description="overrides of the guide preset")
     pretrain_preset: str = Field("pretrain-tiny", description="pretrain preset or YAML file")
     evaluate_preset: str = Field("evaluate-tiny", description="evaluate preset or YAML file")

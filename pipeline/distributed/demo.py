@@ -52,6 +52,8 @@ def _synth_and_preprocess(cfg: DemoConfig, work: Path, clock: _Clock) -> dict[st
         sources["real"] = str(real)
         if (real / "abdomen_btcv").is_dir():
             sources["real_abdomen"] = str(real / "abdomen_btcv")
+        if (real / "chest").is_dir() and cfg.guidance == "learned" and cfg.guide_real_share > 0:
+            sources["real_chest"] = str(real / "chest")           # the guide's real unlabelled scans
     clock.done()
 
     clock.stage(2, "preprocessing with Ray Data (canonical orientation, resampling, body crop)")
@@ -75,8 +77,12 @@ def _train_guide(cfg: DemoConfig, work: Path, data: dict[str, str], stamp: str, 
     eval_data = [f"phantoms={data['labeled']}"]               # scored per dataset: phantoms, then the real abdomen
     if "real_abdomen" in data:
         eval_data.append(f"real_abdomen={data['real_abdomen']}")
+    corpus = {"data": data["unlabeled"]}
+    if "real_chest" in data:                                   # phantoms + real CT, crop pairs shared as configured
+        corpus = {"data": [data["unlabeled"], data["real_chest"]],
+                  "data_weights": [1 - cfg.guide_real_share, cfg.guide_real_share]}
     gc = load_config(GuideConfig, cfg.guide_preset, {
-        "data": data["unlabeled"], "eval_data": eval_data, "real_data": f"real={data['real']}" if "real" in data
+        **corpus, "eval_data": eval_data, "real_data": f"real={data['real']}" if "real" in data
         else None, "run_name": f"demo-guide-{stamp}", "storage_path": str(work / "runs"),
         "tracking": cfg.tracking.model_dump(), **cfg.guide})
     out = run_guide(gc)
