@@ -216,8 +216,8 @@ class GuideModelConfig(StrictModel):
 
 class GuideAugmentConfig(StrictModel):
     """Intensity augmentation of the guide's crops (pipeline/guide/augment.py), on HU windowed to [0, 1].
-    The defaults are the original mild recipe; ``guide-tiny`` turns on the strong one (phantoms and real scans
-    must look alike to the network)."""
+    The defaults are the original mild recipe (``guide-tiny``); ``guide-real-tiny`` turns on the strong one
+    (phantoms and real scans must look alike to the network)."""
 
     gamma_range: tuple[float, float] = Field((0.7, 1.5), description="random gamma")
     contrast_range: tuple[float, float] = Field((0.75, 1.25), description="contrast factor around the mean")
@@ -538,7 +538,9 @@ class DemoConfig(StrictModel):
         "learned", description="learned: train the coordinate guide first, then pretrain guided by it")
     real_ct: str | None = Field("tests/data/real-ct", description="real CT: the guide's check, the segmenter's "
                                                                  "real training case and the scans predicted")
-    guide_preset: str = Field("guide-tiny", description="train-guide preset or YAML file")
+    guide_preset: str = Field(
+        "guide-real-tiny", description="train-guide preset or YAML file (guide-real-tiny: phantoms + real CT; "
+                                       "guide-tiny for phantoms only)")
     guide_real_share: float = Field(
         0.2, ge=0, lt=1, description="share of the guide's crop pairs cut from the real unlabelled chest CTs "
                                     "(real_ct/chest; the real abdomen stays held out for the guide's scores); "

@@ -125,14 +125,15 @@ def test_pretrain_then_evaluate_logs_dice(corpus):
 
 @pytest.mark.slow
 def test_guide_then_learned_guidance(corpus, real):
-    """train-guide (2 workers) on phantoms + real chest CT -> scored per dataset (phantoms, real abdomen, chest) -> pretrain with guidance: learned -> evaluate tags the guide run."""
+    """train-guide (2 workers) on phantoms + real chest CT -> scored per dataset (phantoms, real abdomen,
+    chest) -> pretrain with guidance: learned -> evaluate tags the guide run."""
     from pipeline.config import GuideConfig
     from pipeline.distributed.evaluate import run_evaluate
     from pipeline.distributed.guide import run_guide
     from pipeline.distributed.pretrain import run_pretrain
 
     root, uri = corpus["root"], corpus["uri"]
-    gc = load_config(GuideConfig, "guide-tiny", {
+    gc = load_config(GuideConfig, "guide-real-tiny", {
         "data": [corpus["unlabeled"][0], real["chest"]], "data_weights": [1, 1],
         "eval_data": [f"phantoms={corpus['labeled'][0]}", f"abdomen={real['abdomen_btcv']}"],
         "real_data": f"chest={real['chest']}", "consistency_views": 1, "run_name": "e2e-guide",
@@ -168,6 +169,7 @@ def test_guide_then_learned_guidance(corpus, real):
     assert tags["anatdiff.pretrain_run_id"] == pre["run_id"]
 
 
+@pytest.mark.slow
 def test_bpr_guide_job_is_scored_on_real_scans(corpus, real, tmp_path):
     """guidance kind bpr: the same job trains the 1-D body-part regressor and scores it like the 3-D guide."""
     from pipeline.config import GuideConfig
@@ -176,7 +178,7 @@ def test_bpr_guide_job_is_scored_on_real_scans(corpus, real, tmp_path):
     from pipeline.guide.inference import load_guide, predict_coords
 
     uri = corpus["uri"]
-    gc = load_config(GuideConfig, "guide-tiny", {
+    gc = load_config(GuideConfig, "guide-real-tiny", {
         "kind": "bpr", "data": [corpus["unlabeled"][0], real["chest"]],
         "eval_data": f"abdomen={real['abdomen_btcv']}", "consistency_views": 1, "bpr_slices": 4,
         "bpr_slice_size": 32, "run_name": "e2e-bpr", "storage_path": str(corpus["root"] / "runs"),

@@ -26,7 +26,8 @@ from pipeline.train.checkpoint import load_plain, unwrap
 GUIDE_FORMAT = "anatdiff.guide/1"
 
 
-def save_guide(path: str | Path, model: CoordinateGuide | BodyPartRegressor, meta: dict[str, Any] | None = None) -> Path:
+def save_guide(path: str | Path, model: CoordinateGuide | BodyPartRegressor,
+               meta: dict[str, Any] | None = None) -> Path:
     """Write ``guide.pt`` (weights incl. the axis scale, constructor config, ``meta``); returns the path."""
     model = unwrap(model)
     path = Path(path)
