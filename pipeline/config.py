@@ -572,7 +572,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         elif e["type"] == "missing":
             msg = "required field is missing"
         got = "" if e["type"] in ("missing",) else f" (got {e.get('input')!r})"
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" or not e["loc"]:     # a whole-model check: its message names the field
             got = ""
         lines.append(f"{source}: field '{field}': {msg}{got}")
     return "\n".join(lines)

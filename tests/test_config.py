@@ -85,8 +85,9 @@ def test_guide_folders_are_named_and_weighted():
     ({"data": "a", "real_data": "chest="}, "real_data"),                       # a path after NAME=
 ])
 def test_guide_folder_errors_name_the_field(overrides, field):
-    with pytest.raises(UserError, match=field):
+    with pytest.raises(UserError, match=field) as e:
         load_config(GuideConfig, None, overrides)
+    assert "(got {" not in str(e.value)             # one line: not the whole config echoed back
 
 
 def test_guide_crop_size_rule_applies_to_the_3d_guide_only():
