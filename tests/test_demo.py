@@ -45,7 +45,7 @@ def test_demo_smoke_every_stage_and_the_verdict(tmp_path, capsys):
     version = client.get_model_version_by_alias("anatdiff-segmenter", "demo")
     assert version.run_id == out["segmenter"]["segmenter"]["run_id"]
     labels = sorted((tmp_path / "demo" / "predictions").glob("*.nii.gz"))
-    assert len(labels) == 3                                   # two real abdomen crops and the chest scan
+    assert len(labels) == 4                                   # two real abdomen crops and two chest scans
     chest = [p for p in labels if p.name.startswith("radiomics_lung1")][0]
     image = sitk.ReadImage("tests/data/real-ct/chest/radiomics_lung1_ct_4x.nrrd")
     label = sitk.ReadImage(str(chest))

@@ -52,6 +52,8 @@ def _synth_and_preprocess(cfg: DemoConfig, work: Path, clock: _Clock) -> dict[st
         sources["real"] = str(real)
         if (real / "abdomen_btcv").is_dir():
             sources["real_abdomen"] = str(real / "abdomen_btcv")
+        if (real / "chest").is_dir() and cfg.guidance == "learned" and cfg.guide_real_share > 0:
+            sources["real_chest"] = str(real / "chest")           # the guide's real unlabelled scans
     clock.done()
 
     clock.stage(2, "preprocessing with Ray Data (canonical orientation, resampling, body crop)")
@@ -72,15 +74,24 @@ def _train_guide(cfg: DemoConfig, work: Path, data: dict[str, str], stamp: str, 
         print(f"\n[3/{STAGES}] guidance: {cfg.guidance}: no guide to train")
         return None
     clock.stage(3, "training the anatomical coordinate guide with Ray Train (self-supervised)")
+    eval_data = [f"phantoms={data['labeled']}"]               # scored per dataset: phantoms, then the real abdomen
+    if "real_abdomen" in data:
+        eval_data.append(f"real_abdomen={data['real_abdomen']}")
+    corpus = {"data": data["unlabeled"]}
+    if "real_chest" in data:                                   # phantoms + real CT, crop pairs shared as configured
+        corpus = {"data": [data["unlabeled"], data["real_chest"]],
+                  "data_weights": [1 - cfg.guide_real_share, cfg.guide_real_share]}
     gc = load_config(GuideConfig, cfg.guide_preset, {
-        "data": data["unlabeled"], "eval_data": data["labeled"], "real_data": data.get("real"),
-        "run_name": f"demo-guide-{stamp}", "storage_path": str(work / "runs"),
+        **corpus, "eval_data": eval_data, "real_data": f"real={data['real']}" if "real" in data
+        else None, "run_name": f"demo-guide-{stamp}", "storage_path": str(work / "runs"),
         "tracking": cfg.tracking.model_dump(), **cfg.guide})
     out = run_guide(gc)
     m = out["metrics"]
-    if "guide_landmark_spread" in m:
-        print(f"      landmark spread (lower is better): learned {m['guide_landmark_spread']:.3f}, "
-              f"body box {m['guide_landmark_spread_bodybox']:.3f}, scanner {m['guide_landmark_spread_scanner']:.3f}")
+    for name in ("phantoms", "real_abdomen"):
+        if f"guide_landmark_spread.{name}" in m:
+            print(f"      landmark spread on {name.replace('_', ' ')} (lower is better): learned "
+                  f"{m[f'guide_landmark_spread.{name}']:.3f}, body box {m[f'guide_landmark_spread_bodybox.{name}']:.3f}"
+                  f", scanner {m[f'guide_landmark_spread_scanner.{name}']:.3f}")
     print(f"      MLflow run {out['run_id']}", flush=True)
     clock.done()
     return out["run_id"]
