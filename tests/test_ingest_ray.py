@@ -110,7 +110,7 @@ def check_object_store_run(uri: str, out: Path, public_uri: str) -> None:
         df = run_preprocess(cfg, progress=False)
     finally:
         os.environ.pop("ANATDIFF_PHI_SECRET") if old is None else os.environ.__setitem__("ANATDIFF_PHI_SECRET", old)
-    assert summarize(df) == "4 accepted, 1 rejected (2-D image: 1), 2 skipped"
+    assert summarize(df) == "4 accepted, 1 rejected (2-D image: 1), 2 skipped (not an image file (.txt): 1, not an image file (no DICOM header; no extension): 1)"
     df = manifest_with_sources(out)
     listed = sorted(e.rel for e in list_files(uri))
     assert sorted(f for fs in df["files"] for f in fs) == listed and len(listed) == 24

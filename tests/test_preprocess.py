@@ -228,7 +228,7 @@ def test_ray_data_preprocess_accounts_for_every_file(tmp_path):
         df = run_preprocess(_cfg(tmp_path, num_cpus=2, log_to_mlflow=False), progress=False)
     finally:
         ray.shutdown()
-    assert summarize(df) == "3 accepted, 1 rejected (unreadable: 1), 1 skipped"
+    assert summarize(df) == "3 accepted, 1 rejected (unreadable: 1), 1 skipped (not an image file (.txt): 1)"
     assert df.equals(read_manifest(tmp_path / "out"))
     assert df["source"].isna().all() and not any(len(f) for f in df["files"])  # paths only in private/
     files = sorted(f for fs in manifest_with_sources(tmp_path / "out")["files"] for f in fs)
