@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import UserError
-from pipeline.guide.encoding import bodybox_coords
+from pipeline.data.conditioning import bodybox_coords
 
 PAD_HU = -1024
 
@@ -22,6 +22,20 @@ def scale_hu(image_hu: np.ndarray, window_hu: tuple[float, float]) -> np.ndarray
     """Clip HU to ``window_hu`` and map it linearly to [0, 1] float32."""
     low, high = window_hu
     return ((np.clip(image_hu, low, high) - low) / (high - low)).astype(np.float32)
+
+
+def body_bbox_zyx(mask_zyx: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """Inclusive (first, last) voxel of the body per axis of a (Z, Y, X) mask; the whole volume when the
+    mask is empty. The box ``bodybox_coords`` normalises to."""
+    mask = np.asarray(mask_zyx)
+    if not mask.any():
+        return tuple((0, s - 1) for s in mask.shape)
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        box.append((int(idx[0]), int(idx[-1])))
+    return tuple(box)
 
 
 @dataclass
@@ -65,15 +79,8 @@ class VolumeRef:
         """Inclusive (first, last) voxel of the body along z, y, x (whole volume without a mask)."""
         if "bbox" not in self._cache:
             mask = self.mask()
-            if mask is None or not mask.any():
-                self._cache["bbox"] = tuple((0, s - 1) for s in self.shape_zyx)
-            else:
-                box = []
-                for axis in range(3):
-                    other = tuple(a for a in range(3) if a != axis)
-                    idx = np.flatnonzero(np.asarray(mask).any(axis=other))
-                    box.append((int(idx[0]), int(idx[-1])))
-                self._cache["bbox"] = tuple(box)
+            self._cache["bbox"] = tuple((0, s - 1) for s in self.shape_zyx) if mask is None else \
+                body_bbox_zyx(mask)
         return self._cache["bbox"]
 
 

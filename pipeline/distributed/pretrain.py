@@ -19,7 +19,8 @@ from pipeline.data.patches import PatchStream, load_volume_refs
 from pipeline.diffusion.schedules import DiffusionSchedule
 from pipeline.distributed import trainer
 from pipeline.distributed.coords import ensure_coord_maps, resolve_guide
-from pipeline.train.checkpoint import MODEL_FILE, load_state, save_model, save_state, unwrap
+from pipeline.models.weights import unwrap
+from pipeline.train.checkpoint import MODEL_FILE, load_state, save_model, save_state
 from pipeline.train.step import (add_objective_inputs, batch_to_tensors, build_model, build_training_model,
                                  ema_decay_at, ema_update, make_ema, train_step)
 

@@ -26,7 +26,7 @@ from pipeline.config import PretrainConfig
 from pipeline.data.patches import PatchStream, VolumeRef, patch_coords, scale_hu
 from pipeline.diffusion.objective import to_model_range
 from pipeline.diffusion.schedules import DiffusionSchedule, q_sample
-from pipeline.train.step import guidance_cond
+from pipeline.data.conditioning import guidance_cond
 
 
 class BackboneFeatures(nn.Module):

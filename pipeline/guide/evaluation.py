@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.patches import VolumeRef
-from pipeline.guide.encoding import bodybox_coords
+from pipeline.data.conditioning import bodybox_coords
 from pipeline.guide.inference import predict_coords
 from pipeline.guide.scoring import (landmark_spread, landmark_spread_per_axis, monotonic_fraction,
                                     organ_centroids_zyx, slice_means)
