@@ -7,8 +7,9 @@ encode coordinates here; the patch stream and the segmenter take body-box coordi
 Coordinates are (B, 3, D, H, W) with channel order (z, y, x), about [0, 1] over the body (APE convention),
 from one of two sources: the learned guide's map (``guidance: learned``, pipeline/guide) or
 ``bodybox_coords``, the geometric guide (position in the body's bounding box, ``guidance: bodybox``).
-Outside the volume a patch's learned map reads 0 while body-box coordinates extrapolate
-(``data/patches.py``'s ``patch_coords``); sliding windows pad every channel with 0.
+Outside the volume coordinates are 0 in every channel, whatever their source: ``data/patches.py``'s
+``patch_coords`` pads a patch's learned map and zeroes its body-box coordinates there, and sliding windows
+pad with 0. ``bodybox_coords`` itself is a formula that extrapolates; the rule applies where patches are cut.
 """
 
 from __future__ import annotations

@@ -178,11 +178,20 @@ def _random_start(ref: VolumeRef, size_zyx, rng: np.random.Generator, foreground
 
 
 def patch_coords(ref: VolumeRef, start_zyx, size_zyx) -> np.ndarray:
-    """(3, D, H, W) float32 guide coordinates of a patch: the learned map when present, else the body box."""
+    """(3, D, H, W) float32 guide coordinates of a patch: the learned map when present, else the body box.
+
+    One padding rule for both sources: voxels of the patch outside the volume get 0 in every channel (what
+    the sliding window pads with at inference), so body-box coordinates are not extrapolated past the
+    volume's edge. Inside the volume, body-box coordinates outside the body's box do leave [0, 1].
+    """
     cmap = ref.coords()
-    if cmap is None:
-        return bodybox_coords(size_zyx, ref.body_bbox_zyx(), start_zyx)
-    return np.stack([cut_patch(cmap[c], start_zyx, size_zyx, 0) for c in range(3)]).astype(np.float32)
+    if cmap is not None:
+        return np.stack([cut_patch(cmap[c], start_zyx, size_zyx, 0) for c in range(3)]).astype(np.float32)
+    coords = bodybox_coords(size_zyx, ref.body_bbox_zyx(), start_zyx)
+    inside = [(np.arange(s, s + n) >= 0) & (np.arange(s, s + n) < dim)
+              for s, n, dim in zip(np.asarray(start_zyx, dtype=int), size_zyx, ref.shape_zyx)]
+    coords[:, ~(inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :])] = 0.0
+    return coords
 
 
 def sample_patch(ref: VolumeRef, size_zyx, window_hu, rng: np.random.Generator,
