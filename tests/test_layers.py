@@ -202,7 +202,8 @@ def test_the_check_reports_an_upward_import_and_a_third_party_import():
     problems = violations(edges, RANKS, ONLY)
     assert len(problems) == 2, problems
     assert "pipeline/a/x.py:3: upward import: pipeline.a (rank 1) imports jobs.cli" in problems[0]
-    assert "pipeline/a/x.py:4: pipeline.a imports ray.data; only pipeline.distributed may import ray" in problems[1]
+    assert "pipeline/a/x.py:4: pipeline.a imports ray.data; only pipeline.distributed may import ray" in \
+        problems[1]
 
 
 def test_the_check_reports_a_cycle_between_packages_of_one_rank():
