@@ -16,6 +16,15 @@ from typing import Any, Iterator, Mapping
 from pipeline.config import UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+RUNS_SCHEME = "runs:/"
+
+
+def run_id_of(spec: str | None) -> str | None:
+    """The run id of a ``runs:/<run_id>[/<artifact path>]`` reference ("" when it names none); None when
+    ``spec`` is not one (a file path, ``models:/``, None). The one parser of ``runs:/`` in the project."""
+    if not spec or not spec.startswith(RUNS_SCHEME):
+        return None
+    return spec[len(RUNS_SCHEME):].strip("/").split("/")[0]
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
