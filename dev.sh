@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: builds .venv from requirements.lock (once), then runs a command.
-#   ./dev.sh demo      set up, then run the demo (synth -> preprocess -> pretrain -> evaluate)
+#   ./dev.sh demo      set up, then run the demo (synth -> preprocess -> guide -> pretrain -> evaluate -> segmenter -> predict)
 #   ./dev.sh test      set up, then run the test suite
 #   ./dev.sh setup     set up only
 #   ./dev.sh <anything else>   run `anatdiff <args>` inside the environment

@@ -35,8 +35,8 @@ class Job:
 
 
 JOBS: tuple[Job, ...] = (
-    Job("demo", "demo", DemoConfig, "synth -> preprocess -> train-guide -> pretrain -> evaluate -> compare, "
-                                    "local Ray + MLflow (~7 min)"),
+    Job("demo", "demo", DemoConfig, "synth -> preprocess -> train-guide -> pretrain -> evaluate -> "
+                                    "train-segmenter -> predict, local Ray + MLflow (~15 min on 2 cores)"),
     Job("synth", "synth", SynthConfig, "write a synthetic CT phantom corpus (NIfTI or DICOM, optional labels)"),
     Job("preprocess", "preprocess", PreprocessConfig,
         "Ray Data: CT corpus -> canonical resampled volumes + manifest"),

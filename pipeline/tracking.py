@@ -15,6 +15,9 @@ from typing import Any, Iterator, Mapping
 
 from pipeline.config import UserError
 
+# the job's own progress lines are the terminal's; MLflow's artifact download bars would bury them
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 RUNS_SCHEME = "runs:/"
 
@@ -304,8 +307,9 @@ def log_segmenter_model(uri: str, run_id: str, segmenter, folder: str | Path, re
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1), "volume_hu")]),
-                               outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), "labels")]))
+    # unnamed tensors: a named input makes pyfunc pass {name: array}, which the PyTorch flavour refuses
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]))
     package = Path(__file__).resolve().parent
     files = [str(f) for f in sorted(Path(folder).iterdir()) if f.is_file()]
     mlflow.set_tracking_uri(uri)

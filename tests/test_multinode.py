@@ -24,6 +24,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from ingest_helpers import manifest_with_sources
 import SimpleITK as sitk
 
 from conftest import write_tiny_corpus
@@ -95,7 +96,7 @@ def test_preprocess_survives_losing_a_node(cluster, tmp_path):
     _write_inputs(tmp_path / "in", n)
     nodes = _add_nodes(cluster, 2)
     cfg = PreprocessConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), log_to_mlflow=False)
-    done_dir = tmp_path / "out" / "done"
+    done_dir = tmp_path / "out" / "private" / "done"
     removed_at: list[int] = []
     finished = threading.Event()
 
@@ -117,6 +118,7 @@ def test_preprocess_survives_losing_a_node(cluster, tmp_path):
         watcher.join(timeout=30)
         _remove(cluster, nodes)
     assert removed_at and removed_at[0] < n, f"the node was not removed mid-job: {removed_at}"
+    manifest = manifest_with_sources(tmp_path / "out")  # sources live in OUT/private/, not in the manifest
     sources = manifest[manifest["status"] != "skipped"]["source"].tolist()
     assert sorted(sources) == [f"case{i:02d}.nii.gz" for i in range(n)], "an input is missing or listed twice"
     assert (manifest["status"] == "accepted").all(), manifest[["item_id", "status"]]
@@ -162,7 +164,7 @@ def test_pretraining_restarts_elastically_on_the_nodes_left(cluster, tmp_path, m
     write_tiny_corpus(tmp_path / "data")
     nodes = _add_nodes(cluster, 1)  # head + 1 = 2 CPUs: 2 workers
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    steps, every, batch = 300, 5, 1
+    steps, every, batch = 150, 5, 1
     cfg = load_config(PretrainConfig, "pretrain-tiny", {
         "data": str(tmp_path / "data"), "run_name": "mn-pretrain", "storage_path": str(tmp_path / "runs"),
         "patches": {"patch_size_zyx": [16, 16, 16]}, "optim": {"steps": steps, "warmup_steps": 1, "batch_size": batch},

@@ -67,8 +67,8 @@ def _corpus(inp: Path) -> None:
 
 
 def _cli(args: list[str], env: dict, log: list) -> subprocess.CompletedProcess:
-    run = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=1200)
+    run = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
+                         encoding="utf-8", errors="replace", timeout=1200)
     log.append(run)
     return run
 

@@ -133,7 +133,7 @@ def test_sigkilled_predict_job_resumes_on_rerun(tmp_path):
                 "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])})
     cmd = [sys.executable, "-c", JOB, "--model", str(model), "--input", str(scans), "--output", str(out),
            "--set", "num_cpus=2"]
-    markers = lambda: sorted(p for p in (out / "done").glob("*.json") if not p.name.startswith("."))  # noqa: E731
+    markers = lambda: sorted(p for p in (out / "private" / "done").glob("*.json") if not p.name.startswith("."))  # noqa: E731
     started: list[subprocess.Popen] = []
     try:
         with open(tmp_path / "first.log", "wb") as log:

@@ -204,7 +204,7 @@ def test_manifest_roundtrip_and_summary(tmp_path):
     df = read_manifest(tmp_path)
     assert list(df.columns) == list(COLUMNS) and list(df.status) == ["accepted", "rejected", "skipped"]
     assert list(df.loc[0, "shape"]) == [4, 5, 6] and pd.isna(df.loc[1, "image_path"])
-    assert summarize(df) == "1 accepted, 1 rejected (too few slices: 1), 1 skipped"
+    assert summarize(df) == "1 accepted, 1 rejected (too few slices: 1), 1 skipped (not an image file (.txt): 1)"
     assert not list(tmp_path.glob(".*tmp*"))
     with pytest.raises(ValueError, match="status"):
         write_manifest([{"item_id": "x", "status": "done"}], tmp_path)

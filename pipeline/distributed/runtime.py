@@ -4,11 +4,12 @@ The decision (docs/troubleshooting.md): without ``RAY_ADDRESS`` a job always sta
 even when a cluster started with ``ray start`` runs on this machine (or a stale ``ray_current_cluster`` file of
 one that died is left in Ray's temp folder); it says so in one line. ``RAY_ADDRESS`` (set by ``ray job submit``,
 or by hand: ``host:port``, ``auto``, ``ray://...``) joins that cluster; a cluster that cannot be reached is a
-one-line error. Either way the terminal shows the job's own lines, Ray's warnings about the job (errors) and
-a progress bar where the job draws one (``progress_bar``, in an interactive terminal): Ray workers' output,
-Ray Data's plan, progress bars and progress log blocks and Ray Train's controller chatter stay in Ray's log
-folder (``<temp dir>/ray/session_latest/logs``).
-``ANATDIFF_RAY_LOGS=1`` forwards them to the terminal again, for debugging.
+one-line error. Either way the terminal shows the job's own lines (including the progress lines with ETA that
+training workers print: rank 0 of Ray Train, the evaluation's fold tasks), Ray's errors about the job and a
+progress bar where the job draws one (``progress_bar``, in an interactive terminal): Ray's INFO lines, Ray
+Data's plan, progress bars and progress log blocks and Ray Train's controller chatter stay in Ray's log folder
+(``<temp dir>/ray/session_latest/logs``). ``ANATDIFF_RAY_LOGS=1`` forwards them to the terminal again, for
+debugging.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    quiet = {"log_to_driver": _verbose(), "logging_level": logging.INFO if _verbose() else logging.ERROR,
+    # worker output reaches the terminal: the training workers' progress lines are the job's own lines
+    quiet = {"log_to_driver": True, "logging_level": logging.INFO if _verbose() else logging.ERROR,
              "configure_logging": True}
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address:

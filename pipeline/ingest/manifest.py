@@ -91,9 +91,12 @@ def reason_class(reason: str | None) -> str:
 
 
 def summarize(manifest: pd.DataFrame) -> str:
-    """One line: ``N accepted, M rejected (reason: n, ...), K skipped``."""
+    """One line: ``N accepted, M rejected (reason: n, ...), K skipped (reason: n, ...)``."""
     status = Counter(manifest["status"])
-    reasons = Counter(reason_class(r) for r in manifest.loc[manifest["status"] == "rejected", "reason"])
-    detail = ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items()))
-    return (f"{status['accepted']} accepted, {status['rejected']} rejected"
-            + (f" ({detail})" if detail else "") + f", {status['skipped']} skipped")
+
+    def detail(which: str) -> str:
+        reasons = Counter(reason_class(r) for r in manifest.loc[manifest["status"] == which, "reason"])
+        return f" ({', '.join(f'{r}: {n}' for r, n in sorted(reasons.items()))})" if reasons else ""
+
+    return (f"{status['accepted']} accepted, {status['rejected']} rejected{detail('rejected')}, "
+            f"{status['skipped']} skipped{detail('skipped')}")

@@ -1,7 +1,7 @@
 """What predict reads and what it may skip: the inputs (one scan, a folder, s3:// / gs://) through the same
 discovery as preprocess, the model's fingerprint, and resume keys and done markers.
 
-Resume: a discovered item is finished when ``OUT/done/<item_id>.json`` holds its content key and every
+Resume: a discovered item is finished when ``OUT/private/done/<item_id>.json`` holds its content key and every
 output its rows name exists. The key covers the item's files (relative path, size, mtime from the listing, as
 preprocess's), the model's fingerprint (every byte of its folder) and the settings that change the outputs.
 """

@@ -161,7 +161,7 @@ def predict_series(item: Item, segmenter: Segmenter, out_dir: str | Path,
 
 def predict_unit(item: Item | dict, segmenter: Segmenter, input_root: str, out_dir: str | Path, key: str,
                  options: PredictOptions = PredictOptions()) -> list[dict]:
-    """``predict_series`` of one discovered item, then its done marker (``OUT/done/<item_id>.json`` with
+    """``predict_series`` of one discovered item, then its done marker (``OUT/private/done/<item_id>.json`` with
     ``key``). An object-store item (``input_root`` s3:// or gs://) is downloaded to a local temporary folder
     first and deleted afterwards; a failed download gives a rejected row without a marker (a rerun retries)."""
     item = Item.from_dict(item) if isinstance(item, dict) else item
