@@ -55,7 +55,7 @@ def imported_modules(path: Path, root: Path) -> list[tuple[str, int]]:
     here = module_name(path, root)
     package = here if path.name == "__init__.py" else here.rpartition(".")[0]
     out = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
         if isinstance(node, ast.Import):
             out += [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -182,7 +182,7 @@ def violations(edges: list[tuple[str, str, str]], ranks: dict[str, int],
 
 # ------------------------------------------------------------------------------------------ the tests
 def test_code_obeys_the_documented_layers():
-    ranks, only = parse_rule(DOC.read_text())
+    ranks, only = parse_rule(DOC.read_text(encoding="utf-8"))
     assert {"jobs", "pipeline.distributed", "pipeline.tracking", "pipeline.config"} <= set(ranks), \
         "the layer table in docs/architecture.md lost rows"
     assert only.get("ray") == {"pipeline.distributed"} and only.get("mlflow") == {"pipeline.tracking"}

@@ -21,14 +21,14 @@ def test_every_job_module_is_registered_and_every_entry_has_a_main():
     modules = {p.stem for p in (REPO / "jobs").glob("*.py")} - HELPERS
     assert {j.module for j in JOBS} == modules
     for job in JOBS:
-        tree = ast.parse((REPO / "jobs" / f"{job.module}.py").read_text())
+        tree = ast.parse((REPO / "jobs" / f"{job.module}.py").read_text(encoding="utf-8"))
         assert any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body), job.module
 
 
 @pytest.mark.parametrize("job", [j for j in JOBS if j.config is not None], ids=lambda j: j.module)
 def test_the_registry_names_the_config_class_the_job_resolves(job):
     """The class submit validates with is the one the job itself loads (``resolve(<Config>, ...)``)."""
-    tree = ast.parse((REPO / "jobs" / f"{job.module}.py").read_text())
+    tree = ast.parse((REPO / "jobs" / f"{job.module}.py").read_text(encoding="utf-8"))
     used = {n.args[0].id for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") ==
             "resolve" and n.args and isinstance(n.args[0], ast.Name)}
     assert used == {job.config.__name__}
@@ -72,7 +72,7 @@ def test_submit_validates_study_compare_export_presets_and_overrides(tmp_path):
 
 
 def test_readme_command_table_lists_exactly_the_registry_commands():
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     table = readme.split("## What you get", 1)[1].split("\n\n", 2)[1]
     listed = set()
     for row in table.splitlines()[2:]:
