@@ -214,17 +214,50 @@ class GuideModelConfig(StrictModel):
         "replicate", description="conv padding; zeros lets the net read its position in the crop")
 
 
+class GuideAugmentConfig(StrictModel):
+    """Intensity augmentation of the guide's crops (pipeline/guide/augment.py), on HU windowed to [0, 1].
+    The defaults are the original mild recipe (``guide-tiny``); ``guide-real-tiny`` turns on the strong one
+    (phantoms and real scans must look alike to the network)."""
+
+    gamma_range: tuple[float, float] = Field((0.7, 1.5), description="random gamma")
+    contrast_range: tuple[float, float] = Field((0.75, 1.25), description="contrast factor around the mean")
+    noise_std_max: float = Field(0.05, ge=0, description="Gaussian noise sigma (window units), uniform up to it")
+    blur_sigma_max_vox: float = Field(0.0, ge=0, description="Gaussian blur sigma in voxels, uniform up to it")
+    shift_hu: float = Field(0.0, ge=0, description="whole-scan HU offset, uniform in +-shift_hu (calibration)")
+    soft_tissue_boost_hu: float = Field(
+        0.0, ge=0, description="contrast phase: voxels of -100..300 HU (enhancing soft tissue, vessels) gain up "
+                               "to this many HU, smoothly weighted; 0 = off")
+
+
 class GuideConfig(StrictModel):
-    data: str = Field(..., description="preprocessed unlabelled folder (manifest.parquet) to learn from")
-    eval_data: str | None = Field(None, description="preprocessed labelled phantoms for the landmark score")
-    real_data: str | None = Field(None, description="preprocessed real CT for the cranio-caudal sanity check")
+    kind: Literal["coords", "bpr"] = Field(
+        "coords", description="coords: 3-D coordinate guide (APE); bpr: 1-D body-part regression (one score "
+                              "per axial slice, Yan et al. 2017), written as a (3, D, H, W) map with the body box "
+                              "for y and x")
+    data: str | tuple[str, ...] = Field(
+        ..., description="preprocessed unlabelled folder(s) (manifest.parquet) to learn from, e.g. phantoms and "
+                         "real CT")
+    data_weights: tuple[float, ...] | None = Field(
+        None, description="share of crop pairs drawn from each data folder; None: in proportion to its volumes")
+    eval_data: str | tuple[str, ...] | None = Field(
+        None, description="labelled folder(s) for the landmark score, each NAME=PATH or PATH (named eval<i>); "
+                          "metrics per folder end in .NAME, the first folder's also without the suffix")
+    real_data: str | tuple[str, ...] | None = Field(
+        None, description="real CT folder(s) (labels not needed), NAME=PATH or PATH (named real<i>), for the "
+                          "cranio-caudal check and the label-free consistency score")
+    consistency_views: int = Field(
+        4, ge=0, description="re-cropped, re-sampled views per scan of the label-free consistency score")
     run_name: str = Field("guide", description="Ray run name; rerunning the same name resumes")
     storage_path: str = Field("runs", description="Ray Train storage: local folder or s3://")
     seed: int = 0
     model: GuideModelConfig = GuideModelConfig()
+    augment: GuideAugmentConfig = GuideAugmentConfig()
     crop_size_zyx: ZYXInt = Field((32, 32, 32), description="crop size in voxels (z, y, x)")
-    spacing_range_mm: tuple[float, float] | None = Field(
-        None, description="crop spacing range in mm; None: 0.75-1.5 x the volume spacing")
+    spacing_range_mm: tuple[float, float] | tuple[tuple[float, float], tuple[float, float], tuple[float, float]] \
+        | None = Field(None, description="crop spacing range in mm, (low, high) or one pair per axis (z, y, x); "
+                                         "None: 0.75-1.5 x the volume spacing")
+    max_shift_fraction: float = Field(
+        0.5, ge=0, le=1, description="crop B's centre moves up to this fraction of half the smaller crop per axis")
     n_points: int = Field(128, ge=8, description="voxels sampled per crop for each loss")
     body_fraction: float = Field(0.5, ge=0, le=1, description="share of sampled voxels inside the body")
     consistency_weight: float = Field(1.0, ge=0)
@@ -232,6 +265,8 @@ class GuideConfig(StrictModel):
         0.0, ge=0, le=1, description="chance that one crop of a pair is cut as if the scan ended inside it "
                                      "(teaches invariance to where scans start and stop)")
     frame: Literal["axes", "rigid"] = Field("axes", description="axes: per-axis displacements; rigid: APE")
+    bpr_slices: int = Field(8, ge=3, description="bpr: axial slices drawn per scan and step")
+    bpr_slice_size: int = Field(64, ge=16, description="bpr: slices are resampled to this many pixels a side")
     optim: OptimConfig = OptimConfig(steps=600, batch_size=2, lr=3e-3, warmup_steps=20)
     scaling: ScalingConfig = ScalingConfig()
     checkpoint_every: int = Field(200, ge=1)
@@ -243,10 +278,38 @@ class GuideConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> "GuideConfig":
         multiple = self.model.stride * 2 ** (len(self.model.channels) - 1)
-        if any(s % multiple for s in self.crop_size_zyx):
+        if self.kind == "coords" and any(s % multiple for s in self.crop_size_zyx):
             raise ValueError(f"crop_size_zyx must be multiples of {multiple} (stride x 2^(levels-1)), "
                              f"got {self.crop_size_zyx}")
+        folders = self.data_folders()
+        if self.data_weights is not None and (len(self.data_weights) != len(folders)
+                                              or any(w < 0 for w in self.data_weights)
+                                              or sum(self.data_weights) <= 0):
+            raise ValueError(f"data_weights must be {len(folders)} non-negative numbers (one per data folder) "
+                             f"with a positive sum, got {self.data_weights}")
+        self.named_folders("eval_data")
+        self.named_folders("real_data")
         return self
+
+    def data_folders(self) -> tuple[str, ...]:
+        """``data`` as a tuple of folders."""
+        return (self.data,) if isinstance(self.data, str) else tuple(self.data)
+
+    def named_folders(self, field: str) -> dict[str, str]:
+        """``eval_data`` / ``real_data`` as {name: folder}: NAME=PATH entries keep their name, a bare PATH is
+        named ``eval<i>`` / ``real<i>``. Names are what MLflow metrics carry (never a path)."""
+        value = getattr(self, field)
+        entries = () if value is None else (value,) if isinstance(value, str) else tuple(value)
+        out: dict[str, str] = {}
+        for i, entry in enumerate(entries):
+            name, sep, path = entry.partition("=")
+            if not sep:
+                name, path = f"{field.split('_')[0]}{i}", entry
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,31}", name) or not path or name in out:
+                raise ValueError(f"{field} entry {entry!r}: want NAME=PATH or PATH, NAME a unique word of letters, "
+                                 f"digits, - or _ starting with a letter")
+            out[name] = path
+        return out
 
 
 class FrozenHeadConfig(StrictModel):
@@ -468,6 +531,7 @@ class DemoConfig(StrictModel):
     n_unlabeled: int = Field(48, ge=2, description="phantoms in the unlabelled corpus (guide and pretraining)")
     n_labeled: int = Field(9, ge=3, description="labelled phantoms for the downstream evaluation")
     n_probe: int = Field(3, ge=0, description="extra labelled phantoms for the online probe during pretraining "
+                                              "(n - 1 fit its head, 1 is scored; 0 or >= 2) "
                                               "(never the evaluation's); 0: no probe")
     seed: int = 0
     target_spacing_zyx_mm: ZYX = Field((3.0, 3.0, 3.0), description="preprocess spacing (z, y, x) mm")
@@ -475,7 +539,13 @@ class DemoConfig(StrictModel):
         "learned", description="learned: train the coordinate guide first, then pretrain guided by it")
     real_ct: str | None = Field("tests/data/real-ct", description="real CT: the guide's check, the segmenter's "
                                                                  "real training case and the scans predicted")
-    guide_preset: str = Field("guide-tiny", description="train-guide preset or YAML file")
+    guide_preset: str = Field(
+        "guide-real-tiny", description="train-guide preset or YAML file (guide-real-tiny: phantoms + real CT; "
+                                       "guide-tiny for phantoms only)")
+    guide_real_share: float = Field(
+        0.2, ge=0, lt=1, description="share of the guide's crop pairs cut from the real unlabelled chest CTs "
+                                    "(real_ct/chest; the real abdomen stays held out for the guide's scores); "
+                                    "0: phantoms only")
     guide: dict[str, Any] = Field(default_factory=dict, description="overrides of the guide preset")
     pretrain_preset: str = Field("pretrain-tiny", description="pretrain preset or YAML file")
     evaluate_preset: str = Field("evaluate-tiny", description="evaluate preset or YAML file")
@@ -486,6 +556,13 @@ class DemoConfig(StrictModel):
     evaluate: dict[str, Any] = Field(default_factory=dict, description="overrides of the evaluate preset")
     segmenter: dict[str, Any] = Field(default_factory=dict, description="overrides of the segmenter preset")
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "DemoConfig":
+        if self.n_probe == 1:
+            raise ValueError("n_probe must be 0 (no online probe) or >= 2 (n - 1 phantoms fit the probe's head, "
+                             "1 is scored)")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -503,7 +580,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         elif e["type"] == "missing":
             msg = "required field is missing"
         got = "" if e["type"] in ("missing",) else f" (got {e.get('input')!r})"
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" or not e["loc"]:     # a whole-model check: its message names the field
             got = ""
         lines.append(f"{source}: field '{field}': {msg}{got}")
     return "\n".join(lines)

@@ -7,6 +7,9 @@ so that Ray workers, whose working directory differs, write to the same store.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -50,6 +53,8 @@ def connect(uri: str | None = None, timeout_s: float = 10.0) -> str:
     """Point mlflow at the store and check it answers; raise UserError quickly if it does not."""
     import mlflow
 
+    # MLflow sets its logger to INFO on import: "Creating initial MLflow database tables..." is not the job's
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     uri = resolve_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -74,6 +79,27 @@ def ensure_experiment(name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=_artifact_root_for(uri))
 
 
+#: values that are URIs of MLflow objects or servers, not of data
+_NOT_A_PATH = ("runs:/", "models:/", "http://", "https://", "mlflow-artifacts:")
+#: config fields (last part of a flattened param name) and tags whose values are paths or data URIs
+PATH_FIELDS = frozenset({"data", "input", "output", "out", "storage_path", "checkpoint", "test_data", "bank_cache",
+                         "workdir", "eval_data", "real_data", "guide_checkpoint", "coords_dir", "real_ct",
+                         "tracking_uri", "model"})
+PATH_TAGS = frozenset({"anatdiff.data", "anatdiff.checkpoint", "anatdiff.run_key", "anatdiff.guide"})
+
+
+def public_value(value: Any) -> str:
+    """``value`` as text, with a local path or a data URI (``s3://``, ``gs://``) replaced by ``path-`` + 12 hex
+    of its SHA-256: folder and file names are often a patient's name or accession number, and nothing derived
+    from them may reach MLflow. The digest still tells two runs on the same folder apart."""
+    import hashlib
+
+    text = str(value)
+    if ("/" in text or "\\" in text) and not text.startswith(_NOT_A_PATH):
+        return "path-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+    return text
+
+
 def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None,
               resume_tag: tuple[str, str] | None = None) -> str:
     """Create a run (or reuse the unfinished one carrying ``resume_tag``) and return its id."""
@@ -82,27 +108,29 @@ def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str] 
     client = mlflow.MlflowClient(uri)
     exp_id = ensure_experiment(experiment, uri)
     if resume_tag is not None:
-        key, value = resume_tag
+        key, value = resume_tag[0], public_value(resume_tag[1])
         found = client.search_runs([exp_id], filter_string=f"tags.`{key}` = '{value}'",
                                    order_by=["attributes.start_time DESC"], max_results=1)
         if found and found[0].info.status != "FINISHED":
             client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
-    all_tags = dict(tags or {})
+    all_tags = {k: public_value(v) if k in PATH_TAGS else str(v) for k, v in (tags or {}).items()}
     if resume_tag is not None:
-        all_tags[resume_tag[0]] = resume_tag[1]
+        all_tags[resume_tag[0]] = public_value(resume_tag[1])
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     return run.info.run_id
 
 
 def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
-    """Flattened params (``a.b = value``); values already logged with the same value are skipped."""
+    """Flattened params (``a.b = value``; values of ``PATH_FIELDS`` replaced by ``public_value``); params
+    already logged are skipped."""
     import mlflow
     from mlflow.entities import Param
 
     client = mlflow.MlflowClient(uri)
     existing = client.get_run(run_id).data.params
-    items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items() if k not in existing]
+    items = [Param(k, (public_value(v) if k.rsplit(".", 1)[-1] in PATH_FIELDS else str(v))[:6000])
+             for k, v in flatten(params).items() if k not in existing]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100])
 
@@ -122,7 +150,7 @@ def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
 
     client = mlflow.MlflowClient(uri)
     for k, v in tags.items():
-        client.set_tag(run_id, k, str(v))
+        client.set_tag(run_id, k, public_value(v) if k in PATH_TAGS else str(v))
 
 
 def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
@@ -293,16 +321,40 @@ def metric_values(uri: str, run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
 
 
-def log_segmenter_model(uri: str, run_id: str, segmenter, folder: str | Path, registered_name: str | None,
-                        alias: str) -> tuple[str, int | None]:
-    """Log ``segmenter`` (a torch module) as an ``mlflow.pytorch`` model named ``model`` of ``run_id``, with a
-    signature ((Z, Y, X) HU in, (Z, Y, X) uint8 labels out), the plain segmenter files of ``folder`` as extra
-    files and the ``pipeline`` package as code; register it as ``registered_name`` with ``alias``.
+def log_torch_model(uri: str, run_id: str, module, name: str, files: list[str], registered_name: str | None,
+                    alias: str, signature=None) -> tuple[str, int | None]:
+    """Log ``module`` as an ``mlflow.pytorch`` model ``name`` of ``run_id`` (pickled, with the ``pipeline``
+    package as code and ``files`` as extra files); register it as ``registered_name`` with ``alias``.
 
     ``mlflow.pytorch.load_model`` and ``mlflow.pyfunc.load_model`` unpickle it (they run code: load models only
-    from stores you trust); `anatdiff predict` reads the plain files instead. Returns (model URI, version).
+    from stores you trust); anatdiff's own loaders read the plain files instead. Returns (model URI, version).
     """
     import mlflow
+
+    package = Path(__file__).resolve().parent
+    mlflow.set_tracking_uri(uri)
+    # the pickle caveat is in this docstring and docs/predict.md; MLflow's own lines would bury the job's
+    pytorch_log = logging.getLogger("mlflow.pytorch")
+    level, pytorch_log.level = pytorch_log.level, logging.ERROR
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(module, name=name, signature=signature, extra_files=files,
+                                            code_paths=[str(package)], serialization_format="pickle",
+                                            pip_requirements=[])
+    finally:
+        pytorch_log.setLevel(level)
+    if not registered_name:
+        return info.model_uri, None
+    with contextlib.redirect_stderr(io.StringIO()):  # "Successfully registered model ..." lines
+        version = mlflow.register_model(info.model_uri, registered_name)
+    mlflow.MlflowClient(uri).set_registered_model_alias(registered_name, alias, version.version)
+    return f"models:/{registered_name}@{alias}", int(version.version)
+
+
+def log_segmenter_model(uri: str, run_id: str, segmenter, folder: str | Path, registered_name: str | None,
+                        alias: str) -> tuple[str, int | None]:
+    """``log_torch_model`` of a segmenter as ``model``, with a signature ((Z, Y, X) HU in, (Z, Y, X) uint8
+    labels out) and the plain segmenter files of ``folder`` (what `anatdiff predict` reads) as extra files."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
@@ -310,18 +362,8 @@ def log_segmenter_model(uri: str, run_id: str, segmenter, folder: str | Path, re
     # unnamed tensors: a named input makes pyfunc pass {name: array}, which the PyTorch flavour refuses
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
                                outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]))
-    package = Path(__file__).resolve().parent
     files = [str(f) for f in sorted(Path(folder).iterdir()) if f.is_file()]
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(segmenter, name="model", signature=signature, extra_files=files,
-                                        code_paths=[str(package)], serialization_format="pickle",
-                                        pip_requirements=[])
-    if not registered_name:
-        return info.model_uri, None
-    version = mlflow.register_model(info.model_uri, registered_name)
-    mlflow.MlflowClient(uri).set_registered_model_alias(registered_name, alias, version.version)
-    return f"models:/{registered_name}@{alias}", int(version.version)
+    return log_torch_model(uri, run_id, segmenter, "model", files, registered_name, alias, signature)
 
 
 def download_model(model_uri: str, dst: str | Path, tracking_uri: str | None = None) -> Path:

@@ -65,3 +65,37 @@ def test_segmenter_alias_latest_is_refused_with_the_fix():
 
     with pytest.raises(UserError, match="reserved by the MLflow registry"):
         load_config(SegmenterConfig, None, {"data": ["x"], "alias": "latest"})
+
+
+def test_demo_probe_needs_two_phantoms_or_none():
+    with pytest.raises(UserError, match="n_probe"):
+        load_config(DemoConfig, None, {"n_probe": 1})
+
+
+def test_guide_folders_are_named_and_weighted():
+    cfg = load_config(GuideConfig, None, {"data": ["a", "b"], "data_weights": [3, 1],
+                                          "eval_data": ["phantoms=/x/p", "/x/q"], "real_data": "chest=/x/c"})
+    assert cfg.data_folders() == ("a", "b")
+    assert cfg.named_folders("eval_data") == {"phantoms": "/x/p", "eval1": "/x/q"}
+    assert cfg.named_folders("real_data") == {"chest": "/x/c"}
+    assert load_config(GuideConfig, None, {"data": "a"}).named_folders("eval_data") == {}
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"data": ["a", "b"], "data_weights": [1.0]}, "data_weights"),             # one weight per folder
+    ({"data": "a", "data_weights": [0.0]}, "data_weights"),                    # positive sum
+    ({"data": ["a", "b"], "data_weights": [2.0, -1.0]}, "data_weights"),       # non-negative
+    ({"data": "a", "eval_data": ["x=/p", "x=/q"]}, "eval_data"),               # names unique
+    ({"data": "a", "eval_data": "9lives=/p"}, "eval_data"),                    # a word starting with a letter
+    ({"data": "a", "real_data": "chest="}, "real_data"),                       # a path after NAME=
+])
+def test_guide_folder_errors_name_the_field(overrides, field):
+    with pytest.raises(UserError, match=field) as e:
+        load_config(GuideConfig, None, overrides)
+    assert "(got {" not in str(e.value)             # one line: not the whole config echoed back
+
+
+def test_guide_crop_size_rule_applies_to_the_3d_guide_only():
+    with pytest.raises(UserError, match="crop_size_zyx"):
+        load_config(GuideConfig, None, {"data": "a", "crop_size_zyx": [24, 32, 32]})
+    assert load_config(GuideConfig, None, {"data": "a", "kind": "bpr", "crop_size_zyx": [24, 32, 32]}).kind == "bpr"

@@ -19,8 +19,9 @@ from pipeline.data.patches import PatchStream, load_volume_refs
 from pipeline.diffusion.schedules import DiffusionSchedule
 from pipeline.distributed import trainer
 from pipeline.distributed.coords import ensure_coord_maps, resolve_guide
+from pipeline.distributed.runtime import job_line
 from pipeline.models.weights import unwrap
-from pipeline.train.checkpoint import MODEL_FILE, load_state, save_model, save_state
+from pipeline.train.checkpoint import MODEL_FILE, load_pretrained, load_state, save_model, save_state
 from pipeline.train.step import (add_objective_inputs, batch_to_tensors, build_model, build_training_model,
                                  ema_decay_at, ema_update, make_ema, train_step)
 
@@ -77,8 +78,8 @@ def _run_probe(ema, cfg: PretrainConfig, probe_refs, step: int) -> dict[str, flo
     from pipeline.evaluation.probe import probe_dice
 
     metrics = probe_dice(unwrap(ema), cfg, cfg.probe, *probe_refs, seed=cfg.seed)
-    print(f"      probe at step {step}: linear-head Dice {metrics['probe_dice_mean']:.3f} "
-          f"({metrics['probe_organs_found']:.0f} organs > 0.2, {metrics['probe_seconds']:.0f} s)", flush=True)
+    job_line(f"probe at step {step}: linear-head Dice {metrics['probe_dice_mean']:.3f} "
+             f"({metrics['probe_organs_found']:.0f} organs > 0.2, {metrics['probe_seconds']:.0f} s)")
     return metrics
 
 
@@ -86,7 +87,7 @@ def _progress_line(step: int, cfg: PretrainConfig, loss: float, rate: float, ela
     left = (cfg.optim.steps - step) / max(rate, 1e-9)
     if cfg.max_seconds is not None:
         left = min(left, max(cfg.max_seconds - elapsed, 0.0))
-    return (f"      pretrain step {step}/{cfg.optim.steps} loss {loss:.4f} {rate:.2f} steps/s "
+    return (f"pretrain step {step}/{cfg.optim.steps} loss {loss:.4f} {rate:.2f} steps/s "
             f"ETA {left / 60:.1f} min")
 
 
@@ -122,7 +123,7 @@ def train_loop_per_worker(config: dict) -> None:
             if device.type == "cuda":
                 metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             tracking.log_metrics(uri, run_id, metrics, step=done)
-            print(_progress_line(done, cfg, result.loss, steps / interval, elapsed), flush=True)
+            job_line(_progress_line(done, cfg, result.loss, steps / interval, elapsed))
             t_log, wait_s, samples, steps = time.perf_counter(), 0.0, 0, 0
         if rank == 0 and cfg.sample_every and cfg.objective == "diffusion" and done % cfg.sample_every == 0:
             _log_preview(ema, batches[0], cfg, schedule, uri, run_id, done)
@@ -136,8 +137,8 @@ def train_loop_per_worker(config: dict) -> None:
                            lambda d: save_state(d, model, ema, optimizer, done, cfg))
         if stop:
             if rank == 0:
-                print(f"      pretrain: wall-clock limit of {cfg.max_seconds:.0f} s reached at step {done}; "
-                      "that checkpoint is the final model", flush=True)
+                job_line(f"pretrain: wall-clock limit of {cfg.max_seconds:.0f} s reached at step {done}; "
+                         "that checkpoint is the final model")
             break
 
 
@@ -193,16 +194,20 @@ def _learned_guide(cfg: PretrainConfig, uri: str, run_id: str) -> Path | None:
 
 def _log_final_model(uri: str, run_id: str, model_file: Path, cfg: PretrainConfig, tags: dict,
                      guide_file: Path | None = None) -> None:
-    """model.pt + config.yaml (+ the frozen guide.pt) under ``model/``; registered with alias ``final``."""
+    """model.pt + config.yaml (+ the frozen guide.pt) under ``model/`` (what evaluate and export read), and
+    the backbone as an ``mlflow.pytorch`` model ``backbone`` (the UNet3D with the final EMA weights, the same
+    files as extra files), registered with alias ``final``: ``mlflow.pytorch.load_model(
+    "models:/anatdiff-backbone@final")`` gives the module."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg_file = Path(tmp) / "config.yaml"
         dump_config(cfg, cfg_file)
-        tracking.log_artifact(uri, run_id, model_file, "model")
-        tracking.log_artifact(uri, run_id, cfg_file, "model")
-        if guide_file is not None:
-            tracking.log_artifact(uri, run_id, guide_file, "model")
-    if cfg.registered_model:
-        version = tracking.register_model(uri, run_id, "model", cfg.registered_model, "final")
+        files = [model_file, cfg_file] + ([guide_file] if guide_file is not None else [])
+        for f in files:
+            tracking.log_artifact(uri, run_id, f, "model")
+        backbone, _ = load_pretrained(model_file)
+        _, version = tracking.log_torch_model(uri, run_id, backbone.eval(), "backbone", [str(f) for f in files],
+                                              cfg.registered_model, "final")
+    if version is not None:
         tags = tags | {"anatdiff.registered_model": f"{cfg.registered_model}/{version}"}
     tracking.set_tags(uri, run_id, tags)
 

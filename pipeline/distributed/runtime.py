@@ -114,6 +114,31 @@ def _quiet_ray_data() -> None:
             handler.addFilter(_DropProgressNotice())
 
 
+#: the lines workers print for the terminal (progress with ETA, probe scores) start with 6 spaces, as the
+#: jobs' own stage lines do; anything else a worker prints (library INFO, warnings) stays in Ray's log files
+JOB_LINE = r"^ {6}\S"
+
+
+def job_line(text: str) -> None:
+    """Write one line for the terminal from a worker (or the driver): indented to ``JOB_LINE``, straight to
+    stdout (Ray Train's print patch would also copy a ``print`` into its logger: every line twice)."""
+    sys.stdout.write("      " + text.lstrip() + "\n")
+    sys.stdout.flush()
+
+
+def _only_job_lines_from_workers() -> None:
+    """Forward only ``JOB_LINE`` lines of the workers' output to the terminal (Ray's log deduplicator: allowed
+    lines pass undeduplicated, the rest are skipped); ``ANATDIFF_RAY_LOGS=1`` forwards everything."""
+    import re
+
+    from ray._private import ray_logging
+
+    if _verbose():
+        return
+    for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+        dedup.allow_re, dedup.skip_re = re.compile(JOB_LINE), re.compile("")
+
+
 def progress_bar(total: int, desc: str, unit: str, enabled: bool = True):
     """A tqdm bar on stderr, drawn only in an interactive terminal (and when ``enabled``); use as a context
     manager and ``update(n)``."""
@@ -147,3 +172,4 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
                  **quiet)
     _quiet_ray_data()
+    _only_job_lines_from_workers()

@@ -1,7 +1,9 @@
 """Whole-volume coordinates from a trained guide, and the ``guide.pt`` file format.
 
-``guide.pt``: ``{"format": "anatdiff.guide/1", "state_dict", "config": CoordinateGuide.config(), "meta"}``;
-``meta`` is free-form (training step, data, window) and comes back from ``load_guide_meta``.
+``guide.pt``: ``{"format": "anatdiff.guide/1", "state_dict", "config": model.config(), "meta"}``; ``meta`` is
+free-form (training step, data, window) and comes back from ``load_guide_meta``. ``config["kind"]`` is "bpr"
+for a body-part regression guide (``pipeline/guide/bpr.py``), absent (= "coords") for the 3-D guide; both load
+with ``load_guide`` and give (3, D, H, W) maps with ``predict_coords``.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ import torch.nn.functional as F
 from pipeline.config import UserError
 from pipeline.data.patches import PAD_HU, scale_hu
 from pipeline.data.sliding import sliding_window_predict
+from pipeline.guide.bpr import BodyPartRegressor, bpr_coords
+from pipeline.guide.consistency import bodybox_scale_mm
 from pipeline.guide.model import GUIDE_WINDOW_HU, CoordinateGuide
 from pipeline.models.weights import load_plain, unwrap
 
 GUIDE_FORMAT = "anatdiff.guide/1"
 
 
-def save_guide(path: str | Path, model: CoordinateGuide, meta: dict[str, Any] | None = None) -> Path:
+def save_guide(path: str | Path, model: CoordinateGuide | BodyPartRegressor,
+               meta: dict[str, Any] | None = None) -> Path:
     """Write ``guide.pt`` (weights incl. the axis scale, constructor config, ``meta``); returns the path."""
     model = unwrap(model)
     path = Path(path)
@@ -45,10 +50,15 @@ def _read_guide_file(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_guide(path: str | Path) -> CoordinateGuide:
-    """Rebuild a ``CoordinateGuide`` from ``guide.pt`` (or a folder holding it), in eval mode on the CPU."""
+def load_guide(path: str | Path) -> CoordinateGuide | BodyPartRegressor:
+    """Rebuild the guide of ``guide.pt`` (or a folder holding it), in eval mode on the CPU: a
+    ``CoordinateGuide``, or a ``BodyPartRegressor`` when its config says ``kind: bpr``."""
     payload = _read_guide_file(path)
-    model = CoordinateGuide(**payload["config"])
+    config = dict(payload["config"])
+    kind = config.pop("kind", "coords")
+    if kind not in ("coords", "bpr"):
+        raise UserError(f"guide checkpoint '{path}' has kind {kind!r}; this version reads coords and bpr")
+    model = BodyPartRegressor(**config) if kind == "bpr" else CoordinateGuide(**config)
     model.load_state_dict(payload["state_dict"])
     return model.eval()
 
@@ -66,9 +76,22 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int, value: float) -> torch.Tens
     return F.pad(x, pads, value=value)
 
 
-def predict_coords(model: CoordinateGuide, volume_hu_zyx: np.ndarray, window_zyx=None,
-                   window_hu=GUIDE_WINDOW_HU, overlap: float = 0.25) -> np.ndarray:
+def guide_scale_mm(model, mask_zyx: np.ndarray, spacing_zyx_mm) -> np.ndarray:
+    """(3,) mm per coordinate unit of a guide's map on one scan: ``axis_scale_mm`` of a 3-D guide; for a bpr
+    guide its z scale and, for y and x (body-box channels), the body's extent in mm (from ``mask_zyx``)."""
+    scale = unwrap(model).axis_scale_mm.detach().cpu().double().numpy()
+    if getattr(unwrap(model), "kind", "coords") == "bpr":
+        return np.concatenate([scale, bodybox_scale_mm(mask_zyx, spacing_zyx_mm)[1:]])
+    return scale
+
+
+def predict_coords(model: CoordinateGuide | BodyPartRegressor, volume_hu_zyx: np.ndarray, window_zyx=None,
+                   window_hu=GUIDE_WINDOW_HU, overlap: float = 0.25, body_bbox_zyx=None) -> np.ndarray:
     """Per-voxel coordinates of a whole volume: (3, D, H, W) float32 in [0, 1], channels (z, y, x).
+
+    A bpr guide (``BodyPartRegressor``): ``bpr.bpr_coords`` (z = slice score, y and x = position in
+    ``body_bbox_zyx``, found from the HU when None); window and overlap do not apply. A 3-D guide ignores
+    ``body_bbox_zyx``.
 
     volume_hu_zyx: (D, H, W) HU (int16, canonical LPS, at the spacing the guide was trained around).
     window_zyx: None runs the whole (padded) volume at once; else sliding windows of that size (multiples of
@@ -77,6 +100,8 @@ def predict_coords(model: CoordinateGuide, volume_hu_zyx: np.ndarray, window_zyx
     """
     if np.ndim(volume_hu_zyx) != 3:
         raise ValueError(f"volume_hu_zyx must be (D, H, W), got shape {np.shape(volume_hu_zyx)}")
+    if getattr(model, "kind", "coords") == "bpr":
+        return bpr_coords(model, volume_hu_zyx, body_bbox_zyx)
     device = next(model.parameters()).device
     x = torch.from_numpy(scale_hu(np.asarray(volume_hu_zyx), window_hu))[None, None].to(device)
     shape = x.shape[2:]

@@ -123,3 +123,17 @@ def monotonic_fraction(values_along_z) -> float:
     if values.size < 2:
         raise ValueError(f"monotonic_fraction needs >= 2 values, got {values.size}")
     return float(np.mean(np.diff(values) > 0))
+
+
+def organ_separation_mm(coords_by_volume: list[dict[int, np.ndarray]], scale_mm=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """(C,) how far apart a frame puts different organs, per axis, in mm: the mean over volumes and over pairs
+    of organs present in the same volume of ``|c_a - c_b| * scale_mm``. Within one volume only, so scan origins
+    cancel. With scanner-mm organ centroids and scale 1 this is the anatomy's separation; with a guide's
+    coordinates and its ``axis_scale_mm`` the learned frame's. Their ratio per axis shows a compressed axis
+    (ratio << 1) that ``landmark_spread`` cannot. ValueError without any volume holding 2 organs."""
+    scale = np.asarray(scale_mm, dtype=np.float64)
+    diffs = [np.abs(np.asarray(c[a], np.float64) - np.asarray(c[b], np.float64)) * scale
+             for c in coords_by_volume for a, b in itertools.combinations(sorted(c), 2)]
+    if not diffs:
+        raise ValueError("organ_separation_mm needs a volume with >= 2 organs")
+    return np.mean(diffs, axis=0)
