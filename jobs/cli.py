@@ -5,23 +5,10 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("jobs.demo", "synth -> preprocess -> train-guide -> pretrain -> evaluate -> train-segmenter -> "
-                          "predict, local Ray + MLflow (~15 min on 2 cores)"),
-    "synth": ("jobs.synth", "write a synthetic CT phantom corpus (NIfTI or DICOM, optional labels)"),
-    "preprocess": ("jobs.preprocess", "Ray Data: CT corpus -> canonical resampled volumes + manifest"),
-    "train-guide": ("jobs.train_guide", "Ray Train: the self-supervised body-coordinate guide, scored"),
-    "pretrain": ("jobs.pretrain", "Ray Train: guided diffusion pretraining of a 3D UNet"),
-    "submit": ("jobs.submit", "run a job on a running Ray cluster through its job API (JobSubmissionClient)"),
-    "benchmark": ("jobs.benchmark", "measured speed and memory: preprocess, patches, train, gpu (JSON last line)"),
-    "evaluate": ("jobs.evaluate", "Dice (linear / nonlinear / finetune), holdout or k-fold, vs random init"),
-    "train-segmenter": ("jobs.train_segmenter", "train the segmenter on every labelled case, register it in "
-                                                "MLflow (anatdiff-segmenter)"),
-    "compare": ("jobs.compare", "table + chart of mean Dice across pretraining runs, logged to MLflow"),
-    "study": ("jobs.study", "phantom study: 4 pretraining variants x 3 protocols, then compare"),
-    "export": ("jobs.export", "a pretrained backbone as a plain-PyTorch folder, registered in MLflow"),
-    "predict": ("jobs.predict", "segment new scans with a trained segmenter: label maps on the original grid"),
-}
+from pipeline.registry import JOBS
+
+#: command -> (entry module, one-line help), from the one job registry (pipeline/registry.py)
+COMMANDS: dict[str, tuple[str, str]] = {job.command: (job.entry, job.help) for job in JOBS}
 
 USAGE = """usage: anatdiff <command> [options]
 

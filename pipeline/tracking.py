@@ -22,6 +22,15 @@ from pipeline.config import UserError
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+RUNS_SCHEME = "runs:/"
+
+
+def run_id_of(spec: str | None) -> str | None:
+    """The run id of a ``runs:/<run_id>[/<artifact path>]`` reference ("" when it names none); None when
+    ``spec`` is not one (a file path, ``models:/``, None). The one parser of ``runs:/`` in the project."""
+    if not spec or not spec.startswith(RUNS_SCHEME):
+        return None
+    return spec[len(RUNS_SCHEME):].strip("/").split("/")[0]
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:

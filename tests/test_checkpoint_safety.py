@@ -10,7 +10,8 @@ from pipeline.config import GuideModelConfig, PretrainConfig, UserError
 from pipeline.guide.inference import load_guide, load_guide_meta, save_guide
 from pipeline.guide.model import build_guide
 from pipeline.guide.train import guide_param_groups
-from pipeline.train.checkpoint import load_plain, load_pretrained, load_state, save_state
+from pipeline.models.weights import load_plain
+from pipeline.train.checkpoint import load_pretrained, load_state, save_state
 from pipeline.train.step import build_model, make_ema
 
 

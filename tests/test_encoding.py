@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.guide.encoding import bodybox_coords, encode_coords, encoding_channels, sincos_encode
+from pipeline.data.conditioning import bodybox_coords, encode_coords, encoding_channels, sincos_encode
 
 
 def _coords(shape=(2, 3, 4, 5, 6), seed=0):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.evaluation.heads import NonlinearHead
-from pipeline.evaluation.sliding import sliding_window_predict
+from pipeline.data.sliding import sliding_window_predict
 
 SHAPE_ZYX = (37, 29, 45)
 

@@ -5,7 +5,9 @@ import pytest
 
 from conftest import write_tiny_corpus
 from pipeline.config import UserError
-from pipeline.data.patches import PatchStream, cut_patch, load_volume_refs, sample_patch, scale_hu
+from pipeline.data.conditioning import bodybox_coords
+from pipeline.data.patches import (PatchStream, body_bbox_zyx, cut_patch, load_volume_refs, patch_coords,
+                                  sample_patch, scale_hu)
 
 
 def test_scale_hu_window():
@@ -27,6 +29,34 @@ def test_refs_skip_rejected_and_find_body_box(tmp_path):
     refs = load_volume_refs(write_tiny_corpus(tmp_path))
     assert [r.item_id for r in refs] == ["v0", "v1", "v2"]
     assert refs[0].body_bbox_zyx() == ((4, 15), (5, 19), (6, 21))
+
+
+def test_body_bbox_of_a_mask_and_of_an_empty_one():
+    mask = np.zeros((4, 5, 6), bool)
+    mask[1:3, 2, 0:4] = True
+    assert body_bbox_zyx(mask) == ((1, 2), (2, 2), (0, 3))
+    assert body_bbox_zyx(np.zeros((4, 5, 6), bool)) == ((0, 3), (0, 4), (0, 5))
+
+
+def test_coordinates_outside_the_volume_are_zero_for_both_sources(tmp_path):
+    """One padding rule: a patch hanging over the volume's edge gets 0 there, learned map or body box;
+    inside the volume body-box coordinates are the formula's (outside [0, 1] beyond the body's box)."""
+    ref = load_volume_refs(write_tiny_corpus(tmp_path))[0]
+    start, size = np.array([-2, 3, 25]), (6, 6, 6)  # z < 0 and x >= 28 lie outside the (20, 24, 28) volume
+    inside = np.zeros(size, bool)
+    inside[2:, :, :3] = True
+    box = patch_coords(ref, start, size)
+    formula = bodybox_coords(size, ref.body_bbox_zyx(), start)
+    assert box.dtype == np.float32 and box.shape == (3, *size)
+    np.testing.assert_array_equal(box[:, inside], formula[:, inside])
+    assert (box[:, ~inside] == 0).all() and (formula[:, ~inside] != 0).any()
+    learned = np.random.default_rng(0).random((3, *ref.shape_zyx)).astype(np.float32)
+    np.save(tmp_path / "coords.npy", learned)
+    ref.coords_path = tmp_path / "coords.npy"
+    cut = patch_coords(ref, start, size)
+    np.testing.assert_array_equal(cut[:, inside], np.stack([cut_patch(learned[c], start, size, -1)
+                                                            for c in range(3)])[:, inside])
+    assert (cut[:, ~inside] == 0).all()
 
 
 def test_missing_manifest_is_user_error(tmp_path):

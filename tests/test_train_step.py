@@ -9,8 +9,9 @@ from pipeline.config import PretrainConfig
 from pipeline.data.patches import PatchStream, load_volume_refs
 from pipeline.diffusion.schedules import DiffusionSchedule
 from pipeline.train.checkpoint import load_pretrained, load_state, save_state
-from pipeline.train.step import (batch_to_tensors, build_model, cond_channels, ema_decay_at, ema_update, lr_at,
-                                 make_ema, train_step)
+from pipeline.data.conditioning import cond_channels
+from pipeline.train.step import (batch_to_tensors, build_model, ema_decay_at, ema_update, lr_at, make_ema,
+                                 train_step)
 
 
 def tiny_cfg(**model) -> PretrainConfig:
@@ -98,7 +99,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert loaded_cfg == cfg
     x = torch.randn(1, 1, 8, 16, 16)
     c = torch.rand(1, 3, 8, 16, 16)
-    from pipeline.train.step import guidance_cond
+    from pipeline.data.conditioning import guidance_cond
     t = torch.tensor([5])
     torch.testing.assert_close(loaded(x, t, guidance_cond(cfg.model, c)), ema(x, t, guidance_cond(cfg.model, c)))
     rnd, _ = load_pretrained(tmp_path, random_init=True, seed=1)
@@ -185,7 +186,7 @@ def test_compiled_ddp_model_trains_and_checkpoints_like_the_bare_one(tmp_path, m
     from torch.nn.parallel import DistributedDataParallel
 
     from pipeline.benchmarks.gpu import _free_port
-    from pipeline.train.checkpoint import unwrap
+    from pipeline.models.weights import unwrap
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import UserError
-from pipeline.guide.encoding import bodybox_coords
+from pipeline.data.conditioning import bodybox_coords
 
 PAD_HU = -1024
 
@@ -22,6 +22,20 @@ def scale_hu(image_hu: np.ndarray, window_hu: tuple[float, float]) -> np.ndarray
     """Clip HU to ``window_hu`` and map it linearly to [0, 1] float32."""
     low, high = window_hu
     return ((np.clip(image_hu, low, high) - low) / (high - low)).astype(np.float32)
+
+
+def body_bbox_zyx(mask_zyx: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """Inclusive (first, last) voxel of the body per axis of a (Z, Y, X) mask; the whole volume when the
+    mask is empty. The box ``bodybox_coords`` normalises to."""
+    mask = np.asarray(mask_zyx)
+    if not mask.any():
+        return tuple((0, s - 1) for s in mask.shape)
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        box.append((int(idx[0]), int(idx[-1])))
+    return tuple(box)
 
 
 @dataclass
@@ -65,15 +79,8 @@ class VolumeRef:
         """Inclusive (first, last) voxel of the body along z, y, x (whole volume without a mask)."""
         if "bbox" not in self._cache:
             mask = self.mask()
-            if mask is None or not mask.any():
-                self._cache["bbox"] = tuple((0, s - 1) for s in self.shape_zyx)
-            else:
-                box = []
-                for axis in range(3):
-                    other = tuple(a for a in range(3) if a != axis)
-                    idx = np.flatnonzero(np.asarray(mask).any(axis=other))
-                    box.append((int(idx[0]), int(idx[-1])))
-                self._cache["bbox"] = tuple(box)
+            self._cache["bbox"] = tuple((0, s - 1) for s in self.shape_zyx) if mask is None else \
+                body_bbox_zyx(mask)
         return self._cache["bbox"]
 
 
@@ -171,11 +178,20 @@ def _random_start(ref: VolumeRef, size_zyx, rng: np.random.Generator, foreground
 
 
 def patch_coords(ref: VolumeRef, start_zyx, size_zyx) -> np.ndarray:
-    """(3, D, H, W) float32 guide coordinates of a patch: the learned map when present, else the body box."""
+    """(3, D, H, W) float32 guide coordinates of a patch: the learned map when present, else the body box.
+
+    One padding rule for both sources: voxels of the patch outside the volume get 0 in every channel (what
+    the sliding window pads with at inference), so body-box coordinates are not extrapolated past the
+    volume's edge. Inside the volume, body-box coordinates outside the body's box do leave [0, 1].
+    """
     cmap = ref.coords()
-    if cmap is None:
-        return bodybox_coords(size_zyx, ref.body_bbox_zyx(), start_zyx)
-    return np.stack([cut_patch(cmap[c], start_zyx, size_zyx, 0) for c in range(3)]).astype(np.float32)
+    if cmap is not None:
+        return np.stack([cut_patch(cmap[c], start_zyx, size_zyx, 0) for c in range(3)]).astype(np.float32)
+    coords = bodybox_coords(size_zyx, ref.body_bbox_zyx(), start_zyx)
+    inside = [(np.arange(s, s + n) >= 0) & (np.arange(s, s + n) < dim)
+              for s, n, dim in zip(np.asarray(start_zyx, dtype=int), size_zyx, ref.shape_zyx)]
+    coords[:, ~(inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :])] = 0.0
+    return coords
 
 
 def sample_patch(ref: VolumeRef, size_zyx, window_hu, rng: np.random.Generator,

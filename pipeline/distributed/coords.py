@@ -15,12 +15,13 @@ import numpy as np
 from pipeline import tracking
 from pipeline.config import UserError
 from pipeline.data.patches import load_volume_refs
+from pipeline.io.atomic import write_atomic
 
 
 def resolve_guide(spec: str, tracking_uri: str | None, workdir: Path) -> tuple[Path, str | None]:
     """A guide file from ``runs:/<run_id>`` (MLflow artifact ``guide/guide.pt``) or a path: (file, run id)."""
-    if spec.startswith("runs:/"):
-        run_id = spec[len("runs:/"):].strip("/").split("/")[0]
+    run_id = tracking.run_id_of(spec)
+    if run_id is not None:
         uri = tracking.connect(tracking_uri)
         local = tracking.download_artifacts(uri, run_id, "guide", workdir)
         return local / "guide.pt", run_id
@@ -45,9 +46,7 @@ def _write_map(row: dict) -> dict:
     volume = np.load(row["image"], mmap_mode="r")
     guide = load_guide(row["guide"])
     coords = predict_coords(guide, np.asarray(volume)).astype(np.float16)
-    tmp = out.with_suffix(".tmp.npy")
-    np.save(tmp, coords)
-    tmp.rename(out)
+    write_atomic(out, lambda tmp: np.save(tmp, coords))
     return {"item_id": row["item_id"]}
 
 

@@ -132,8 +132,9 @@ def guide_file_of(model_path: str, uri: str, workdir: Path, run_id: str) -> Path
     bundled = Path(model_path).parent / "guide.pt"
     guide_file, guide_run = (bundled, None) if bundled.is_file() else \
         resolve_guide(pretrain_cfg.model.guide_checkpoint, uri, workdir)
-    tracking.set_tags(uri, run_id, {"anatdiff.guide": pretrain_cfg.model.guide_checkpoint or "",
-                                    "anatdiff.guide_run_id": guide_run or _run_of(pretrain_cfg.model.guide_checkpoint)})
+    spec = pretrain_cfg.model.guide_checkpoint
+    tracking.set_tags(uri, run_id, {"anatdiff.guide": spec or "",
+                                    "anatdiff.guide_run_id": guide_run or tracking.run_id_of(spec) or ""})
     return guide_file
 
 
@@ -143,10 +144,6 @@ def _guide_coords(model_path: str, data_dir: str, uri: str, workdir: Path, run_i
 
     guide_file = guide_file_of(model_path, uri, workdir, run_id)
     return None if guide_file is None else str(ensure_coord_maps(data_dir, guide_file))
-
-
-def _run_of(spec: str | None) -> str:
-    return spec[len("runs:/"):].strip("/").split("/")[0] if spec and spec.startswith("runs:/") else ""
 
 
 def _fold_metrics(res: dict, prefix: str) -> dict[str, float]:

@@ -25,7 +25,7 @@ from pipeline.guide.crops import sample_crop_pair
 from pipeline.guide.inference import load_guide, save_guide
 from pipeline.guide.model import build_guide
 from pipeline.guide.train import collate_pairs, guide_param_groups, guide_train_step
-from pipeline.train.checkpoint import load_plain
+from pipeline.models.weights import load_plain
 from pipeline.train.step import lr_at
 
 GUIDE_FILE = "guide.pt"

@@ -20,7 +20,8 @@ from pipeline.diffusion.schedules import DiffusionSchedule
 from pipeline.distributed import trainer
 from pipeline.distributed.coords import ensure_coord_maps, resolve_guide
 from pipeline.distributed.runtime import job_line
-from pipeline.train.checkpoint import MODEL_FILE, load_pretrained, load_state, save_model, save_state, unwrap
+from pipeline.models.weights import unwrap
+from pipeline.train.checkpoint import MODEL_FILE, load_pretrained, load_state, save_model, save_state
 from pipeline.train.step import (add_objective_inputs, batch_to_tensors, build_model, build_training_model,
                                  ema_decay_at, ema_update, make_ema, train_step)
 

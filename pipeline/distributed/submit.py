@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Callable, Mapping
 from urllib.parse import urlparse
 
-from pipeline.config import (DemoConfig, EvaluateConfig, GuideConfig, PredictConfig, PreprocessConfig,
-                             PretrainConfig, SegmenterConfig, StrictModel, SynthConfig, UserError, load_config,
-                             parse_set_overrides)
+from pipeline.config import UserError, load_config, parse_set_overrides
+from pipeline.registry import cluster_jobs, find_job
 from pipeline.tracking import DEFAULT_TRACKING_URI, resolve_tracking_uri
 
 # Never uploaded: environments, VCS data, run outputs, local MLflow stores, caches (gitwildmatch patterns).
@@ -41,18 +40,13 @@ STORAGE_ENV_VARS: tuple[str, ...] = (
     "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_EXPERIMENT_NAME", "AWS_REGION", "AWS_DEFAULT_REGION",
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "GOOGLE_CLOUD_PROJECT", "STORAGE_EMULATOR_HOST",
 )
-JOB_CONFIGS: dict[str, type[StrictModel]] = {
-    "synth": SynthConfig, "preprocess": PreprocessConfig, "pretrain": PretrainConfig,
-    "evaluate": EvaluateConfig, "demo": DemoConfig, "train_guide": GuideConfig, "predict": PredictConfig,
-    "train_segmenter": SegmenterConfig,
-}
-NOT_JOBS = {"__init__", "_common", "cli", "submit"}
 STAGED_DIR = ".anatdiff-submit"
 
 
 def job_names(working_dir: Path) -> list[str]:
-    """Job modules under ``working_dir/jobs`` that can run on a cluster (``python -m jobs.<name>``)."""
-    return sorted(p.stem for p in (working_dir / "jobs").glob("*.py") if p.stem not in NOT_JOBS)
+    """Modules of the registry's cluster jobs (pipeline/registry.py) present under ``working_dir/jobs``
+    (``python -m jobs.<name>``)."""
+    return sorted(j.module for j in cluster_jobs() if (working_dir / "jobs" / f"{j.module}.py").is_file())
 
 
 def is_local_address(address: str) -> bool:
@@ -122,10 +116,12 @@ def locate_config(config: str | None, working_dir: Path) -> tuple[str | None, Pa
 
 
 def validate_locally(job: str, config_file: Path | None, sets: list[str]) -> None:
-    """Fail before any upload when the config or a ``--set`` is wrong (same checks as the job runs)."""
+    """Fail before any upload when the config or a ``--set`` is wrong (same checks as the job runs): the
+    job's config class comes from the registry (pipeline/registry.py)."""
     overrides = parse_set_overrides(sets)
-    if job in JOB_CONFIGS and config_file is not None:
-        load_config(JOB_CONFIGS[job], config_file, overrides)
+    config = find_job(job, cluster=True).config
+    if config is not None and config_file is not None:
+        load_config(config, config_file, overrides)
 
 
 def stage_working_dir(working_dir: Path, config_file: Path, staging: Path) -> Path:
@@ -238,6 +234,7 @@ def submit(address: str, job: str, config: str | None, sets: list[str], working_
     ``echo`` receives a summary that names environment variables but never shows their values.
     """
     working_dir = Path(working_dir).resolve()
+    job = {j.command: j.module for j in cluster_jobs()}.get(job, job)  # `train-guide` runs jobs.train_guide
     names = job_names(working_dir)
     if job not in names:
         raise UserError(f"unknown job '{job}'; jobs in {working_dir / 'jobs'}: {', '.join(names) or 'none'}")

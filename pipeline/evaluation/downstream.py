@@ -28,7 +28,7 @@ from pipeline.evaluation.heads import build_head
 from pipeline.evaluation.losses import predict_labels
 from pipeline.evaluation.metrics import dice_mean, dice_per_organ
 from pipeline.evaluation.objectives import segmentation_loss
-from pipeline.evaluation.sliding import sliding_window_predict
+from pipeline.data.sliding import sliding_window_predict
 from pipeline.evaluation.surface import hd95_per_organ
 from pipeline.train.step import warmup_cosine_lr
 

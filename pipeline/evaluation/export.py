@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ExportConfig, UserError
-from pipeline.train.checkpoint import load_plain, load_pretrained
+from pipeline.models.weights import load_plain
+from pipeline.train.checkpoint import load_pretrained
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 #: modules copied into the standalone file, dependency order
-STANDALONE_SOURCES = ("pipeline/models/blocks.py", "pipeline/models/unet3d.py", "pipeline/guide/encoding.py",
+STANDALONE_SOURCES = ("pipeline/models/blocks.py", "pipeline/models/unet3d.py", "pipeline/data/conditioning.py",
                       "pipeline/diffusion/schedules.py", "pipeline/guide/model.py")
 MODULE_NAME = "anatdiff_backbone"
 EXPORT_FORMAT = "anatdiff.export/1"

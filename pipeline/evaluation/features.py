@@ -13,7 +13,6 @@ train on these vectors (``FeatureBank``) in a fraction of a second per step inst
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import PretrainConfig
+from pipeline.data.conditioning import guidance_cond
 from pipeline.data.patches import PatchStream, VolumeRef, patch_coords, scale_hu
 from pipeline.diffusion.objective import to_model_range
 from pipeline.diffusion.schedules import DiffusionSchedule, q_sample
-from pipeline.train.step import guidance_cond
+from pipeline.io.atomic import write_atomic
 
 
 class BackboneFeatures(nn.Module):
@@ -218,9 +218,8 @@ def build_bank(features: BackboneFeatures, refs: list[VolumeRef], spec: BankSpec
             continue
         bank = volume_bank(features, ref, spec)
         if path is not None:
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-            np.savez(tmp, features=bank.features.numpy(), labels=bank.labels.numpy())
-            os.replace(tmp, path)
+            write_atomic(path, lambda tmp: np.savez(tmp, features=bank.features.numpy(),
+                                                    labels=bank.labels.numpy()))
         parts.append(bank)
     bank = FeatureBank(torch.cat([b.features for b in parts]), torch.cat([b.labels for b in parts]))
     if not len(bank):

@@ -21,25 +21,15 @@ import torch
 from torch import nn
 
 from pipeline.config import PretrainConfig, UserError
-from pipeline.data.patches import PAD_HU, scale_hu
+from pipeline.data.patches import PAD_HU, body_bbox_zyx, scale_hu
 from pipeline.evaluation.features import BackboneFeatures
 from pipeline.evaluation.heads import build_head
-from pipeline.evaluation.sliding import sliding_window_predict
-from pipeline.guide.encoding import bodybox_coords
+from pipeline.data.sliding import sliding_window_predict
+from pipeline.data.conditioning import bodybox_coords
 from pipeline.labels import ORGANS
 
 SEGMENTER_FORMAT = "anatdiff.segmenter/1"
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "segmenter.json", "weights.pt", "MODEL_CARD.md"
-
-
-def body_bbox(mask_zyx: np.ndarray) -> tuple[tuple[int, int], ...]:
-    """Inclusive (first, last) voxel of the body per axis (the whole volume for an empty mask)."""
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.flatnonzero(np.asarray(mask_zyx).any(axis=other))
-        box.append((int(idx[0]), int(idx[-1])) if len(idx) else (0, mask_zyx.shape[axis] - 1))
-    return tuple(box)
 
 
 class Segmenter(nn.Module):
@@ -77,7 +67,7 @@ class Segmenter(nn.Module):
             from pipeline.guide.inference import predict_coords
 
             return predict_coords(self.guide, volume_hu_zyx).astype(np.float32)
-        return bodybox_coords(volume_hu_zyx.shape, body_bbox(mask_zyx), (0, 0, 0))
+        return bodybox_coords(volume_hu_zyx.shape, body_bbox_zyx(mask_zyx), (0, 0, 0))
 
     @torch.no_grad()
     def predict_probs(self, volume_hu_zyx: np.ndarray, mask_zyx: np.ndarray | None = None) -> np.ndarray:

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.data.conditioning import bodybox_coords
 from pipeline.data.patches import PAD_HU, cut_patch, scale_hu
 from pipeline.guide.augment import augment_crop
 from pipeline.guide.crops import _interpolate_axis
-from pipeline.guide.encoding import bodybox_coords
 from pipeline.guide.model import GUIDE_WINDOW_HU
 from pipeline.models.blocks import num_groups
 
@@ -145,7 +145,7 @@ def slice_consistency_loss(scores_a: torch.Tensor, scores_b: torch.Tensor, z_mm:
 def bpr_loss(model: nn.Module, batch: dict[str, torch.Tensor], consistency_weight: float = 1.0
              ) -> tuple[torch.Tensor, dict]:
     """``batch``: ``image`` (B, 2, n, 1, S, S), ``z_mm`` (B, n). Returns (loss, info) like ``guide_loss``."""
-    from pipeline.train.checkpoint import unwrap
+    from pipeline.models.weights import unwrap
 
     image = batch["image"]
     b, _, n = image.shape[:3]

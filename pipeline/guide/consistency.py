@@ -14,9 +14,9 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
+from pipeline.data.conditioning import bodybox_coords
 from pipeline.data.patches import PAD_HU
 from pipeline.guide.crops import resample_crop
-from pipeline.guide.encoding import bodybox_coords
 
 #: per axis, the share of the scan's extent a view covers (uniform)
 VIEW_EXTENT_FRACTION = (0.4, 1.0)

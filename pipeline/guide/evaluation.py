@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.conditioning import bodybox_coords
 from pipeline.data.patches import VolumeRef
 from pipeline.guide.consistency import rms_mm, scan_consistency_mm
-from pipeline.guide.encoding import bodybox_coords
 from pipeline.guide.inference import guide_scale_mm, predict_coords
 from pipeline.guide.scoring import (landmark_spread, landmark_spread_per_axis, monotonic_fraction,
                                     organ_centroids_zyx, organ_separation_mm, slice_means)

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 
 from pipeline.config import UserError
 from pipeline.data.patches import PAD_HU, scale_hu
-from pipeline.evaluation.sliding import sliding_window_predict
+from pipeline.data.sliding import sliding_window_predict
 from pipeline.guide.bpr import BodyPartRegressor, bpr_coords
 from pipeline.guide.consistency import bodybox_scale_mm
 from pipeline.guide.model import GUIDE_WINDOW_HU, CoordinateGuide
-from pipeline.train.checkpoint import load_plain, unwrap
+from pipeline.models.weights import load_plain, unwrap
 
 GUIDE_FORMAT = "anatdiff.guide/1"
 

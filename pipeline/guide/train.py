@@ -15,7 +15,7 @@ from torch import nn
 from pipeline.guide.crops import crop_positions_mm
 from pipeline.guide.losses import consistency_loss, distance_loss, mean_pairwise_distance
 from pipeline.guide.model import sample_coords
-from pipeline.train.checkpoint import unwrap
+from pipeline.models.weights import unwrap
 
 PAIR_KEYS = ("image", "body", "origin_zyx_mm", "spacing_zyx_mm")
 

@@ -9,7 +9,6 @@ opted in to readable names, without ``source`` and ``files`` (the input paths: t
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import UserError
+from pipeline.io.atomic import write_atomic
 
 MANIFEST_NAME = "manifest.parquet"
 
@@ -74,11 +74,7 @@ def write_manifest(rows: list[dict], out_dir: str | Path, readable: bool = False
         raise ValueError(f"manifest status must be one of {STATUSES}, got {sorted(bad)}")
     rows.sort(key=lambda r: (STATUSES.index(r["status"]), r["item_id"] or "", r["source"] or ""))
     table = pa.Table.from_pylist([public_row(r, readable) for r in rows], schema=MANIFEST_SCHEMA)
-    out = Path(out_dir) / MANIFEST_NAME
-    tmp = out.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
-    return out
+    return write_atomic(Path(out_dir) / MANIFEST_NAME, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_manifest(out_dir: str | Path) -> pd.DataFrame:

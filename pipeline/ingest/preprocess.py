@@ -29,6 +29,7 @@ from pipeline.ingest.qc import (MIN_SLICES, Rejected, check_complete, check_ct_i
                                 check_localizer, check_multiframe, check_nifti_geometry, check_pixels,
                                 check_slice_positions)
 from pipeline.ingest.report import hu_histogram
+from pipeline.io.atomic import write_atomic
 from pipeline.io.dicom import Series, off_line_mm, series_geometry, series_labels, split_series
 from pipeline.io.layouts import DICOM_FOLDER, Item, derived_item_id
 from pipeline.io.readers import (itk_affine_ras, nifti_affines, nifti_best_affine, nifti_data_bytes,
@@ -194,11 +195,11 @@ def label_on_grid(label_path: str, grid: Grid) -> np.ndarray:
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     """``np.save`` to a temporary name beside ``path``, then rename (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    write_atomic(path, write)
 
 
 def _damaged(item: Item, series: Series, readable: bool) -> None:

@@ -25,6 +25,8 @@ import os
 import secrets
 from pathlib import Path
 
+from pipeline.io.atomic import write_atomic
+
 PRIVATE_DIR = "private"
 ID_KEY_FILE = "id_key"
 SOURCES_FILE = "sources.csv"
@@ -41,11 +43,11 @@ def private_dir(out_dir: str | Path) -> Path:
 
 def write_private_text(path: Path, text: str) -> None:
     """Write ``text`` readable by the owner only (0600), through a temporary name and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(text)
+
+    write_atomic(path, write)
 
 
 def load_id_key(out_dir: str | Path) -> bytes:

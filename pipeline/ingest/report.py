@@ -8,7 +8,6 @@ hold counts only: the paths of unaccounted files go to ``OUT/private/accounting.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pandas as pd
 
 from pipeline.ingest.manifest import COLUMNS, empty_row, reason_class
 from pipeline.ingest.private import write_private_records
+from pipeline.io.atomic import write_atomic
 
 #: HU histogram of body voxels: 64 bins over [-1024, 2000] HU; values outside go to the end bins
 HU_EDGES = np.linspace(-1024.0, 2000.0, 65)
@@ -179,7 +179,5 @@ def write_reports(rows: list[dict], input_files: list[str], out_dir: str | Path,
     texts = (json.dumps(report, indent=2) + "\n", report_markdown(report, scanners),
              scanners.to_csv(index=False), markdown_table(scanners) + "\n")
     for path, text in zip(paths, texts):   # a temporary name, then rename: a killed job leaves no half file
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: tmp.write_text(text))
     return report, paths + plot_scanners(manifest, out_dir / "plots")

@@ -131,7 +131,7 @@ def build_denoiser(model_cfg: ModelConfig, in_channels: int = 1, out_channels: i
     """A UNet3D shaped by ``model_cfg`` (channels, blocks, time embedding width, guidance injection).
 
     ``cond_channels``: channels of the encoded guidance the caller will pass as ``cond`` (0 = unguided);
-    the caller derives it from the guidance settings (``pipeline.guide.encoding.encoding_channels``).
+    the caller derives it from the guidance settings (``pipeline.data.conditioning.cond_channels``).
     """
     return UNet3D(in_channels, out_channels, channels=model_cfg.channels,
                   blocks_per_level=model_cfg.blocks_per_level, time_embed_dim=model_cfg.time_embed_dim,

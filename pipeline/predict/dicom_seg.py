@@ -7,12 +7,12 @@ written only when asked for: ``PredictConfig.dicom_seg``). Nothing it reads is l
 
 from __future__ import annotations
 
-import os
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.io.atomic import write_atomic
 from pipeline.labels import ORGANS
 
 #: SNOMED CT concept (pydicom's ``codes.SCT`` name) of each organ; laterality stays in the segment label
@@ -53,8 +53,4 @@ def write_dicom_seg(path: Path, labels_zyx: np.ndarray, slice_files: list[str]) 
         series_instance_uid=hd.UID(), series_number=9001, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="anatdiff", manufacturer_model_name="anatdiff predict", software_versions=software,
         device_serial_number="none", series_description="anatdiff predict (research use, not for diagnosis)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    seg.save_as(tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: seg.save_as(tmp))

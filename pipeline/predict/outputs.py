@@ -6,7 +6,6 @@ whole file or a ``.<name>.tmp-<pid>...`` leftover that the next run deletes.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,26 +14,16 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from pipeline.ingest.geometry import direction_matrix, to_canonical
+from pipeline.io.atomic import write_atomic
 from pipeline.labels import NUM_ORGANS, ORGANS
 
 #: display window of the overlays (soft-tissue abdomen), HU
 WINDOW_HU = (-160.0, 240.0)
 
 
-def temporary_path(path: Path) -> Path:
-    """``.<name>.tmp-<pid><suffixes>`` beside ``path``: keeps the endings (SimpleITK and matplotlib pick the
-    format by them) and matches ``pipeline.ingest.resume.remove_partial_files``."""
-    suffixes = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffixes}")
-
-
 def write_label_nifti(path: Path, label: sitk.Image) -> Path:
     """``label`` (uint8) as compressed NIfTI at ``path``, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    sitk.WriteImage(label, str(tmp), useCompression=True)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: sitk.WriteImage(label, str(tmp), useCompression=True))
 
 
 def voxel_volume_ml(image: sitk.Image) -> float:
@@ -92,8 +81,4 @@ def overlay_png(image: sitk.Image, label: sitk.Image, path: Path, title: str = "
         ax.set_axis_off()
     if title:
         fig.suptitle(title, fontsize="small")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    fig.savefig(tmp, dpi=80)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80))

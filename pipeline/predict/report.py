@@ -8,14 +8,13 @@ mapping stays in the output folder, never in a log line or MLflow.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 
+from pipeline.io.atomic import write_atomic
 from pipeline.labels import ORGANS
-from pipeline.predict.outputs import temporary_path
 from pipeline.predict.scan import STATUSES
 
 PREDICTIONS_CSV = "predictions.csv"
@@ -23,12 +22,6 @@ VOLUMES_CSV = "organ_volumes.csv"
 REPORT_JSON = "report.json"
 _COLUMNS = ("item_id", "source", "kind", "status", "reason", "label_path", "overlay_path", "seg_path", "n_files",
             "size_xyz", "spacing_xyz_mm", "seconds", "dice_note")
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = temporary_path(path)
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def predictions_table(rows: list[dict]) -> pd.DataFrame:
@@ -74,9 +67,9 @@ def write_tables(rows: list[dict], out_dir: str | Path, info: dict) -> dict:
     return the report."""
     out_dir = Path(out_dir)
     predictions, volumes = predictions_table(rows), volumes_table(rows)
-    _write_atomic(out_dir / PREDICTIONS_CSV, lambda p: predictions.to_csv(p, index=False))
-    _write_atomic(out_dir / VOLUMES_CSV, lambda p: volumes.to_csv(p, index=False, float_format="%.3f"))
+    write_atomic(out_dir / PREDICTIONS_CSV, lambda p: predictions.to_csv(p, index=False))
+    write_atomic(out_dir / VOLUMES_CSV, lambda p: volumes.to_csv(p, index=False, float_format="%.3f"))
     report = {**info, "counts": {s: sum(r["status"] == s for r in rows) for s in STATUSES},
               "summary": summary_line(rows)}
-    _write_atomic(out_dir / REPORT_JSON, lambda p: p.write_text(json.dumps(report, indent=1)))
+    write_atomic(out_dir / REPORT_JSON, lambda p: p.write_text(json.dumps(report, indent=1)))
     return report

@@ -4,8 +4,9 @@
 ``model.pt``: EMA weights + the resolved pretrain config, loadable with ``load_pretrained``.
 
 Every file holds tensors and plain data only (dicts, lists, tuples, str, int, float, bool, None; configs as
-``model_dump(mode="json")``) and is read with ``load_plain`` (``torch.load(weights_only=True)``): a checkpoint
-may come from a shared MLflow server or bucket, and unpickling arbitrary objects would run their code.
+``model_dump(mode="json")``) and is read with ``load_plain`` (pipeline/models/weights.py,
+``torch.load(weights_only=True)``): a checkpoint may come from a shared MLflow server or bucket, and unpickling
+arbitrary objects would run their code.
 """
 
 from __future__ import annotations
@@ -13,26 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pickle
-
 import torch
 from torch import nn
 
 from pipeline.config import PretrainConfig, UserError
+from pipeline.models.weights import load_plain, unwrap
 
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare module under DDP / torch.compile wrappers (state-dict keys without prefixes)."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def save_state(directory: Path, model: nn.Module, ema: nn.Module, optimizer, step: int,
@@ -47,20 +36,6 @@ def save_state(directory: Path, model: nn.Module, ema: nn.Module, optimizer, ste
         **(extra or {}),
     }, directory / STATE_FILE)
     save_model(directory / MODEL_FILE, ema, cfg, step)
-
-
-def load_plain(path: str | Path, map_location="cpu") -> Any:
-    """``torch.load(path, weights_only=True)``: tensors and plain Python data only, never arbitrary objects.
-
-    Raises UserError naming the file when it holds anything else (a pickled class or function: a file
-    not written by anatdiff, or a tampered one), instead of running that object's code.
-    """
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"'{path}' holds more than tensors and plain data, refused (torch.load weights_only: "
-                        f"{first[:200]})") from None
 
 
 def load_state(directory: Path, map_location="cpu") -> dict[str, Any]:

@@ -12,7 +12,7 @@ from pipeline.config import PretrainConfig
 from pipeline.diffusion.objective import from_model_range, to_model_range
 from pipeline.diffusion.sampler import ddim_sample
 from pipeline.diffusion.schedules import DiffusionSchedule, q_sample
-from pipeline.train.step import guidance_cond
+from pipeline.data.conditioning import guidance_cond
 
 
 @torch.no_grad()

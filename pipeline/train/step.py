@@ -17,17 +17,10 @@ import torch
 from torch import nn
 
 from pipeline.config import ModelConfig, OptimConfig, PretrainConfig
+from pipeline.data.conditioning import cond_channels, guidance_cond
 from pipeline.diffusion.objective import diffusion_loss, to_model_range
 from pipeline.diffusion.schedules import DiffusionSchedule
-from pipeline.guide.encoding import encode_coords, encoding_channels
 from pipeline.models.unet3d import build_denoiser
-
-
-def cond_channels(model_cfg: ModelConfig) -> int:
-    """Channels of the per-voxel guidance fed to the denoiser (0 when unguided)."""
-    if model_cfg.guidance == "none":
-        return 0
-    return encoding_channels(model_cfg.guidance_encoding, model_cfg.guidance_frequencies)
 
 
 def build_model(model_cfg: ModelConfig) -> nn.Module:
@@ -44,13 +37,6 @@ def build_training_model(cfg: PretrainConfig) -> nn.Module:
 
         return ContrastiveModel(model, cfg.contrastive.proj_dim)
     return model
-
-
-def guidance_cond(model_cfg: ModelConfig, coords: torch.Tensor | None) -> torch.Tensor | None:
-    """Encode (B, 3, D, H, W) coordinates as configured; None when unguided."""
-    if model_cfg.guidance == "none" or coords is None:
-        return None
-    return encode_coords(coords, model_cfg.guidance_encoding, model_cfg.guidance_frequencies)
 
 
 def warmup_cosine_lr(step: int, steps: int, warmup_steps: int, peak_lr: float, floor: float = 0.1) -> float:

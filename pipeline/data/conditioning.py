@@ -1,7 +1,15 @@
-"""Per-voxel body coordinates and their encodings as conditioning channels for the denoiser.
+"""Coordinates -> the denoiser's conditioning channels: the one home of this convention.
 
-Coordinates are (B, 3, D, H, W) with channel order (z, y, x), about [0, 1] over the body (APE convention).
-``bodybox_coords`` is the geometric guide (position in the body's bounding box) until a learned one lands.
+Training (``train/step.py``), feature extraction for evaluation and predict (``evaluation/features.py``), the
+sample preview and the exported standalone module (``evaluation/export.py`` copies this file's source) all
+encode coordinates here; the patch stream and the segmenter take body-box coordinates from here.
+
+Coordinates are (B, 3, D, H, W) with channel order (z, y, x), about [0, 1] over the body (APE convention),
+from one of two sources: the learned guide's map (``guidance: learned``, pipeline/guide) or
+``bodybox_coords``, the geometric guide (position in the body's bounding box, ``guidance: bodybox``).
+Outside the volume coordinates are 0 in every channel, whatever their source: ``data/patches.py``'s
+``patch_coords`` pads a patch's learned map and zeroes its body-box coordinates there, and sliding windows
+pad with 0. ``bodybox_coords`` itself is a formula that extrapolates; the rule applies where patches are cut.
 """
 
 from __future__ import annotations
@@ -10,6 +18,8 @@ import math
 
 import numpy as np
 import torch
+
+from pipeline.config import ModelConfig
 
 ENCODINGS = ("raw", "sincos")
 
@@ -73,3 +83,18 @@ def bodybox_coords(shape_zyx, bbox_zyx, offset_zyx) -> np.ndarray:
         view[axis] = n
         grids.append(np.broadcast_to(vals.reshape(view), tuple(shape_zyx)))
     return np.stack(grids).astype(np.float32)
+
+
+def cond_channels(model_cfg: ModelConfig) -> int:
+    """Channels of the per-voxel guidance fed to the denoiser (0 when unguided)."""
+    if model_cfg.guidance == "none":
+        return 0
+    return encoding_channels(model_cfg.guidance_encoding, model_cfg.guidance_frequencies)
+
+
+def guidance_cond(model_cfg: ModelConfig, coords: torch.Tensor | None) -> torch.Tensor | None:
+    """Encode (B, 3, D, H, W) coordinates as configured: (B, cond_channels(model_cfg), D, H, W) float, or
+    None when unguided (or no coordinates were given)."""
+    if model_cfg.guidance == "none" or coords is None:
+        return None
+    return encode_coords(coords, model_cfg.guidance_encoding, model_cfg.guidance_frequencies)
