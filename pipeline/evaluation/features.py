@@ -122,9 +122,17 @@ class FeatureBank:
         return self.features[idx].float(), self.labels[idx]
 
     def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel mean and standard deviation (C,) float32, for the heads' input normalization."""
-        x = self.features.float()
-        return x.mean(0), x.std(0)
+        """Per-channel mean and standard deviation (C,) float32, for the heads' input normalization; computed in
+        chunks of rows (float64 sums) so that no float32 copy of the whole bank is made."""
+        n, c = self.features.shape
+        total, squares = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+        for start in range(0, n, 65536):
+            x = self.features[start:start + 65536].double()
+            total += x.sum(0)
+            squares += (x * x).sum(0)
+        mean = total / max(n, 1)
+        var = (squares - n * mean * mean) / max(n - 1, 1)
+        return mean.float(), var.clamp_min(0).sqrt().float()
 
 
 def sample_window_voxels(label_zyx: np.ndarray, mask_zyx: np.ndarray, n_uniform: int, n_per_organ: int,
