@@ -50,8 +50,10 @@ def write_done(out_dir: str | Path, item_id: str, key: str, rows: list[dict]) ->
     return path
 
 
-def load_done(out_dir: str | Path, item_id: str, key: str) -> list[dict] | None:
-    """The rows of a finished item when its marker matches ``key`` and its arrays exist, else None."""
+def load_done(out_dir: str | Path, item_id: str, key: str,
+              output_fields: tuple[str, ...] | None = None) -> list[dict] | None:
+    """The rows of a finished item when its marker matches ``key`` and the files its rows name under
+    ``output_fields`` (default: preprocess's array columns) exist, else None."""
     path = Path(out_dir) / DONE_DIR / f"{item_id}.json"
     try:
         done = json.loads(path.read_text())
@@ -60,7 +62,8 @@ def load_done(out_dir: str | Path, item_id: str, key: str) -> list[dict] | None:
     if done.get("content_key") != key:
         return None
     rows = done.get("rows") or []
-    if not all((Path(out_dir) / r[c]).is_file() for r in rows for c in _OUTPUT_COLUMNS if r.get(c)):
+    fields = _OUTPUT_COLUMNS if output_fields is None else output_fields
+    if not all((Path(out_dir) / r[c]).is_file() for r in rows for c in fields if r.get(c)):
         return None
     return rows
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from pipeline.config import UserError
-from pipeline.ingest.resume import DONE_DIR
+from pipeline.ingest import resume
 from pipeline.io.filesystems import FileEntry, is_remote, list_files, open_root, remove_tree, shadow_tree
 from pipeline.io.layouts import Item, _mhd_data_files, discover_items, image_kind, make_item_id
 from pipeline.predict.scan import OUTPUT_FIELDS
@@ -123,15 +123,6 @@ def content_key(files, listing: dict[str, FileEntry], fingerprint: str, settings
 
 
 def load_done(out_dir: str | Path, item_id: str, key: str) -> list[dict] | None:
-    """The rows of a finished item when its marker holds ``key`` and its outputs exist, else None."""
-    path = Path(out_dir) / DONE_DIR / f"{item_id}.json"
-    try:
-        done = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if done.get("content_key") != key:
-        return None
-    rows = done.get("rows") or []
-    if not all((Path(out_dir) / r[f]).is_file() for r in rows for f in OUTPUT_FIELDS if r.get(f)):
-        return None
-    return rows
+    """The rows of a finished item when its marker holds ``key`` and its outputs exist, else None (the
+    preprocess resume rule, ``pipeline.ingest.resume.load_done``, over predict's output files)."""
+    return resume.load_done(out_dir, item_id, key, OUTPUT_FIELDS)
