@@ -516,6 +516,10 @@ class StudyConfig(StrictModel):
     ceiling: dict[str, Any] | None = Field(
         default_factory=dict, description="the supervised ceiling: overrides of the evaluate preset's finetune "
                                           "settings for the random-init network, all weights (None: no ceiling)")
+    ceiling_steps: dict[int | Literal["all"], int] = Field(
+        default_factory=dict, description="the ceiling's optimizer steps per label budget (train_cases value -> "
+                                          "steps), overriding ceiling.steps there: one or two patients converge "
+                                          "in far fewer steps than all of them")
     guide_preset: str = Field("guide-tiny", description="train-guide preset or YAML file")
     pretrain_preset: str = Field("pretrain-tiny", description="pretrain preset or YAML file (one budget)")
     evaluate_preset: str = Field("evaluate-kfold-tiny", description="evaluate preset or YAML file")
@@ -524,6 +528,14 @@ class StudyConfig(StrictModel):
     evaluate: dict[str, Any] = Field(default_factory=dict, description="overrides of the evaluate preset")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance (None = all)")
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _ceiling_steps_positive(self) -> "StudyConfig":
+        bad = {k: v for k, v in self.ceiling_steps.items() if v < 1}
+        if bad:
+            raise ValueError(f"ceiling_steps values are optimizer steps (>= 1), got {bad}: raise them or drop the "
+                             f"budget to use ceiling.steps")
+        return self
 
 
 class DemoConfig(StrictModel):

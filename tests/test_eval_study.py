@@ -14,8 +14,7 @@ from pipeline.evaluation.study_report import StudyRow, label_efficiency_png, stu
 
 def test_study_preset_is_valid_and_covers_every_variant_protocol_and_budget():
     cfg = load_config(StudyConfig, "study-phantom-small")
-    assert cfg.variants == ("random_init", "restorative", "contrastive", "unguided", "guided_bodybox",
-                            "guided_learned")
+    assert cfg.variants == ("random_init", "restorative", "unguided", "guided_bodybox", "guided_learned")
     assert cfg.protocols == ("linear", "nonlinear") and cfg.train_cases == (1, 2, "all")
     assert cfg.ceiling is not None and cfg.evaluate_preset == "evaluate-kfold-tiny"
 
@@ -33,6 +32,20 @@ def test_study_presets_nested_configs_validate(preset):
         load_config(PretrainConfig, cfg.pretrain_preset, pretrain_overrides(cfg, variant, "d", "r", "s", "G"))
     ev = load_config(EvaluateConfig, cfg.evaluate_preset, deep_update({"data": "d"}, cfg.evaluate))
     NetworkTrainConfig.model_validate(deep_update(ev.finetune.model_dump(mode="json"), cfg.ceiling))
+
+
+def test_ceiling_steps_per_label_budget():
+    """The preset's ceiling trains fewer steps on one or two patients than on all of them; a budget without an
+    entry uses ceiling.steps; a non-positive entry is refused naming the field."""
+    from pipeline.config import NetworkTrainConfig, UserError
+    from pipeline.distributed.study import ceiling_settings
+
+    cfg = load_config(StudyConfig, "study-phantom-small")
+    steps = {b: NetworkTrainConfig.model_validate(ceiling_settings(cfg, b)).steps for b in cfg.train_cases}
+    assert steps == {1: 500, 2: 800, "all": cfg.ceiling["steps"]}
+    assert ceiling_settings(cfg, "all")["max_seconds"] == cfg.ceiling["max_seconds"]
+    with pytest.raises(UserError, match="ceiling_steps"):
+        load_config(StudyConfig, "study-phantom-small", {"ceiling_steps": {1: 0}})
 
 
 def test_pretrain_overrides_differ_only_by_variant():

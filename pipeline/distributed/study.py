@@ -6,7 +6,8 @@ Variants (``StudyConfig.variants``): ``random_init`` (``objective: none``), ``re
 (diffusion guided by body-box coordinates, or by the learned guide trained first by ``run_guide``). All share
 the pretrain preset (same budget, batch, patches, model), the unlabelled corpus and the labelled folds. The
 ceiling is the random-init network with all weights trained (the finetune protocol with ``StudyConfig.ceiling``
-settings), at every label budget. Frozen-feature banks are cached per volume and backbone (``workdir/banks``).
+settings; ``StudyConfig.ceiling_steps`` sets its steps per label budget), at every label budget. Frozen-feature
+banks are cached per volume and backbone (``workdir/banks``).
 """
 
 from __future__ import annotations
@@ -73,6 +74,16 @@ def pretrain_overrides(cfg: StudyConfig, variant: str, data_dir: str, run_name: 
     return over
 
 
+def ceiling_settings(cfg: StudyConfig, budget) -> dict:
+    """The ceiling's training settings at label budget ``budget``: the evaluate preset's finetune settings, then
+    ``cfg.ceiling``, then the budget's steps from ``cfg.ceiling_steps``."""
+    preset = load_config(EvaluateConfig, cfg.evaluate_preset, deep_update({"data": "x"}, cfg.evaluate))
+    settings = deep_update(preset.finetune.model_dump(mode="json"), cfg.ceiling or {})
+    if budget in cfg.ceiling_steps:
+        settings["steps"] = cfg.ceiling_steps[budget]
+    return settings
+
+
 def _evaluate(cfg: StudyConfig, data: str, work: Path, pretrain_run: str, protocol: str, budget,
               extra: dict | None = None):
     from pipeline.distributed.evaluate import run_evaluate
@@ -129,10 +140,8 @@ def run_study(cfg: StudyConfig) -> dict:
     rows, t_eval = [], time.perf_counter()
     for n, (variant, protocol, budget) in enumerate(jobs, start=1):
         if variant == "ceiling":
-            preset = load_config(EvaluateConfig, cfg.evaluate_preset, deep_update({"data": "x"}, cfg.evaluate))
-            finetune = deep_update(preset.finetune.model_dump(mode="json"), cfg.ceiling)
             row = _evaluate(cfg, data["labeled"], work, pretrain_runs["random_init"], "finetune", budget,
-                            {"finetune": finetune})
+                            {"finetune": ceiling_settings(cfg, budget)})
             row.protocol = "supervised"
         else:
             row = _evaluate(cfg, data["labeled"], work, pretrain_runs[variant], protocol, budget)
