@@ -3,6 +3,7 @@ features as the package's own extractor."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -30,7 +31,7 @@ out = {"shapes": [list(f.shape) for f in feats], "sums": [float(f.double().sum()
 if guide is not None:
     vol = np.full((12, 16, 16), -1000, np.int16); vol[2:10, 4:12, 4:12] = 40
     c = ab.guide_coords(guide, vol)
-    out["guide"] = [list(c.shape), float(c.min()), float(c.max())]
+    out["guide"] = [list(c.shape), float(c.min()), float(c.max()), float(np.float64(c).sum())]
 print(json.dumps(out))
 """
 
@@ -64,7 +65,7 @@ def test_export_loads_in_a_fresh_process_and_matches_the_package(tmp_path, guida
     model_file, _ = _model(tmp_path, guidance)
     out = export_backbone(model_file, tmp_path / "export")
     names = sorted(p.name for p in out.iterdir())
-    expected = ["README.md", "anatdiff_backbone.py", "config.json", "weights.pt"]
+    expected = ["README.md", "anatdiff_backbone", "config.json", "weights.pt"]
     assert names == sorted(expected + (["guide_weights.pt"] if guidance == "learned" else []))
     config = json.loads((out / "config.json").read_text())
     assert config["conventions"]["axis_order"] == "zyx" and "LPS" in config["conventions"]["orientation"]
@@ -84,10 +85,52 @@ def test_export_loads_in_a_fresh_process_and_matches_the_package(tmp_path, guida
     assert res["shapes"] == [list(f.shape) for f in ours]
     assert res["sums"] == pytest.approx([float(f.double().sum()) for f in ours], rel=1e-5, abs=1e-4)
     if guidance == "learned":
-        shape, lo, hi = res["guide"]
+        from pipeline.guide.inference import load_guide, predict_coords
+
+        shape, lo, hi, total = res["guide"]
         assert shape == [3, 12, 16, 16] and 0.0 <= lo <= hi <= 1.0
+        vol = np.full((12, 16, 16), -1000, np.int16)
+        vol[2:10, 4:12, 4:12] = 40
+        ours = predict_coords(load_guide(tmp_path / "guide.pt"), vol)
+        assert total == pytest.approx(float(np.float64(ours).sum()), rel=1e-6)
     else:
         assert res["guide"] is None
+
+
+def test_export_ships_the_package_modules_not_a_copy(tmp_path):
+    """The exported package is the package's own modules (imports renamed), closed under their imports, with the
+    portable API as its __init__; exporting again into the folder replaces it (and a format-1 module file)."""
+    from pipeline.evaluation.export import PACKAGE_ROOT, PORTABLE_API, export_backbone, shipped_modules
+
+    shipped = shipped_modules()
+    assert {"pipeline/models/unet3d.py", "pipeline/data/inputs.py", "pipeline/data/conditioning.py",
+            "pipeline/diffusion/readout.py", "pipeline/guide/model.py", PORTABLE_API} <= set(shipped)
+    assert not any(rel.startswith(("pipeline/evaluation/features", "pipeline/config", "pipeline/train"))
+                   for rel in shipped)
+    model_file, _ = _model(tmp_path, "bodybox")
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "anatdiff_backbone.py").write_text("raise ImportError('stale')")
+    export_backbone(model_file, out)
+    assert not (out / "anatdiff_backbone.py").exists()
+    pkg = out / "anatdiff_backbone"
+    for rel in shipped:
+        source = (PACKAGE_ROOT / rel).read_text()
+        target = pkg / "__init__.py" if rel == PORTABLE_API else pkg / rel.removeprefix("pipeline/")
+        assert ast.dump(ast.parse(target.read_text())) == ast.dump(_renamed(ast.parse(source))), rel
+
+
+def _renamed(tree: ast.AST) -> ast.AST:
+    """``tree`` with every ``pipeline.`` import renamed ``anatdiff_backbone.`` (what the export must do, no more)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+            node.module = "anatdiff_backbone." + node.module.removeprefix("pipeline.")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("pipeline."):
+                    alias.name = "anatdiff_backbone." + alias.name.removeprefix("pipeline.")
+    return tree
 
 
 def test_export_errors(tmp_path):
@@ -104,3 +147,15 @@ def test_export_errors(tmp_path):
     other.mkdir()
     with pytest.raises(UserError, match="not an anatdiff export"):
         export_backbone(_model(other, "none")[0], busy)
+
+
+def test_export_refuses_a_bpr_guided_backbone(tmp_path):
+    """A backbone guided by a body-part regression guide is refused at export time, not in the user's process."""
+    from pipeline.evaluation.export import export_backbone
+    from pipeline.guide.bpr import BodyPartRegressor
+    from pipeline.guide.inference import save_guide
+
+    model_file, _ = _model(tmp_path, "learned")
+    save_guide(tmp_path / "guide.pt", BodyPartRegressor(channels=(8, 16), slice_size=16))
+    with pytest.raises(UserError, match="'bpr' guide"):
+        export_backbone(model_file, tmp_path / "export")

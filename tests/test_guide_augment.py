@@ -4,7 +4,7 @@ import numpy as np
 
 from pipeline.guide.augment import augment_crop, hu_to_unit, soft_tissue_weight
 from pipeline.guide.crops import augment_intensity
-from pipeline.data.patches import scale_hu
+from pipeline.data.inputs import scale_hu
 from pipeline.guide.model import GUIDE_WINDOW_HU
 
 

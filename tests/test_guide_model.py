@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.config import UserError
-from pipeline.data.patches import scale_hu
+from pipeline.data.inputs import scale_hu
 from pipeline.guide.crops import crop_positions_mm, sample_crop_pair
 from pipeline.guide.inference import load_guide, load_guide_meta, predict_coords, save_guide
 from pipeline.guide.model import GUIDE_WINDOW_HU, CoordinateGuide, sample_coords

@@ -174,3 +174,23 @@ def test_nan_in_a_float_nifti_is_found_in_the_raw_bytes(tmp_path):
     assert not np.isnan(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "x.nii.gz")))).any()  # the pitfall
     assert nifti_nonfinite_count(tmp_path / "x.nii.gz") == 2
     assert nifti_nonfinite_count(write_image(tmp_path / "i.nii")) == 0
+
+
+def test_prepare_output_refuses_remote_and_inside_the_input_relative_paths_included(tmp_path, monkeypatch):
+    """Ingest and predict share this check; a relative input folder with the output inside it is refused too
+    (predict compared a relative input with an absolute output before, and let it through)."""
+    from pipeline.config import UserError
+    from pipeline.io.filesystems import prepare_output
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scan.nii.gz").write_bytes(b"x")
+    for output in ("scans/out", "scans", str(tmp_path / "scans" / "a" / "b")):
+        with pytest.raises(UserError, match="inside the input folder"):
+            prepare_output(output, "scans")
+    with pytest.raises(UserError, match="object-store URI"):
+        prepare_output("s3://bucket/out", "scans")
+    out = prepare_output("out", "scans")
+    assert out == tmp_path / "out" and out.is_dir() and out.is_absolute()
+    assert prepare_output("out2", "scan.nii.gz").is_dir()              # a single input file
+    assert prepare_output("out3", "s3://bucket/scans").is_dir()       # a remote input

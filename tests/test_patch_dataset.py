@@ -8,7 +8,8 @@ import pytest
 
 from conftest import write_tiny_corpus
 from pipeline.config import UserError
-from pipeline.data.patches import PAD_HU, cut_patch, scale_hu
+from pipeline.data.inputs import PAD_HU, scale_hu
+from pipeline.data.patches import cut_patch
 from pipeline.distributed.patch_dataset import (PatchCutter, decode_descriptors, equal_shards, patch_dataset,
                                                 rank_batches, volume_weights)
 

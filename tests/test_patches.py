@@ -6,8 +6,8 @@ import pytest
 from conftest import write_tiny_corpus
 from pipeline.config import UserError
 from pipeline.data.conditioning import bodybox_coords
-from pipeline.data.patches import (PatchStream, body_bbox_zyx, cut_patch, load_volume_refs, patch_coords,
-                                  sample_patch, scale_hu)
+from pipeline.data.inputs import body_bbox_zyx, scale_hu
+from pipeline.data.patches import PatchStream, cut_patch, load_volume_refs, patch_coords, sample_patch
 
 
 def test_scale_hu_window():

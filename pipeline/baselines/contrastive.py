@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data.patches import PAD_HU, cut_patch, patch_coords, scale_hu
+from pipeline.data.inputs import PAD_HU, scale_hu
+from pipeline.data.patches import cut_patch, patch_coords
 from pipeline.guide.crops import augment_intensity
 
 #: tries at a random shift before falling back to a shift of 0 (views overlapping wholly)

@@ -1,8 +1,8 @@
 """Coordinates -> the denoiser's conditioning channels: the one home of this convention.
 
-Training (``train/step.py``), feature extraction for evaluation and predict (``evaluation/features.py``), the
-sample preview and the exported standalone module (``evaluation/export.py`` copies this file's source) all
-encode coordinates here; the patch stream and the segmenter take body-box coordinates from here.
+Training (``train/step.py``), feature extraction for evaluation and predict (``diffusion/readout.py``), the
+sample preview and exported backbones (``evaluation/export.py`` ships this module) all encode coordinates
+here; the patch stream and the segmenter take body-box coordinates from here.
 
 Coordinates are (B, 3, D, H, W) with channel order (z, y, x), about [0, 1] over the body (APE convention),
 from one of two sources: the learned guide's map (``guidance: learned``, pipeline/guide) or
@@ -15,11 +15,13 @@ pad with 0. ``bodybox_coords`` itself is a formula that extrapolates; the rule a
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from pipeline.config import ModelConfig
+if TYPE_CHECKING:  # the config is read by attribute only: `anatdiff export` ships this module without it
+    from pipeline.config import ModelConfig
 
 ENCODINGS = ("raw", "sincos")
 

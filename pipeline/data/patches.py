@@ -14,28 +14,7 @@ import pandas as pd
 
 from pipeline.config import UserError
 from pipeline.data.conditioning import bodybox_coords
-
-PAD_HU = -1024
-
-
-def scale_hu(image_hu: np.ndarray, window_hu: tuple[float, float]) -> np.ndarray:
-    """Clip HU to ``window_hu`` and map it linearly to [0, 1] float32."""
-    low, high = window_hu
-    return ((np.clip(image_hu, low, high) - low) / (high - low)).astype(np.float32)
-
-
-def body_bbox_zyx(mask_zyx: np.ndarray) -> tuple[tuple[int, int], ...]:
-    """Inclusive (first, last) voxel of the body per axis of a (Z, Y, X) mask; the whole volume when the
-    mask is empty. The box ``bodybox_coords`` normalises to."""
-    mask = np.asarray(mask_zyx)
-    if not mask.any():
-        return tuple((0, s - 1) for s in mask.shape)
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        box.append((int(idx[0]), int(idx[-1])))
-    return tuple(box)
+from pipeline.data.inputs import PAD_HU, body_bbox_zyx, scale_hu
 
 
 @dataclass

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.config import DiffusionConfig
+if TYPE_CHECKING:  # the config is read by attribute only: `anatdiff export` ships this module without it
+    from pipeline.config import DiffusionConfig
 
 
 def linear_beta_schedule(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:

@@ -27,25 +27,8 @@ from pipeline.ingest.report import write_reports
 from pipeline.ingest.resume import content_key, load_done, remove_partial_files
 from pipeline.ingest.units import run_unit
 from pipeline.io.dicom import read_slice_header
-from pipeline.io.filesystems import download, is_remote, list_files, remove_tree, shadow_tree
+from pipeline.io.filesystems import download, is_remote, list_files, prepare_output, remove_tree, shadow_tree
 from pipeline.io.layouts import DICOM_FOLDER, PATIENTS_CSV, Item, discover_items, make_item_id
-
-
-def _check_output(cfg: PreprocessConfig) -> Path:
-    """The output folder (created); refuses one inside the input folder (a rerun would read its own output)."""
-    if is_remote(cfg.output):
-        raise UserError(f"output '{cfg.output}' is an object-store URI: the output must be a local or shared "
-                        "(mounted) folder that every Ray worker can write")
-    out = Path(os.path.abspath(cfg.output))
-    inp = None if is_remote(cfg.input) else Path(os.path.abspath(cfg.input))
-    if inp is not None and (out == inp or inp in out.parents):
-        raise UserError(f"output folder '{cfg.output}' is inside the input folder '{cfg.input}': "
-                        "choose an output folder outside it")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output folder '{cfg.output}': {e.strerror}") from None
-    return out
 
 
 def _discover(cfg: PreprocessConfig, listing) -> tuple[list[Item], list[tuple[str, str]], dict[str, str]]:
@@ -141,7 +124,7 @@ def run_preprocess(cfg: PreprocessConfig, progress: bool = True, map_units=None)
     """
     listing = {e.rel: e for e in list_files(cfg.input)}
     items, skipped, patients = _discover(cfg, list(listing.values()))
-    out_dir = _check_output(cfg)
+    out_dir = prepare_output(cfg.output, cfg.input)
     id_key = None if cfg.readable_ids else load_id_key(out_dir)
     items = [replace(i, item_id=make_item_id(i.source, id_key)) for i in items] if id_key else items
     secret = resolve_secret()

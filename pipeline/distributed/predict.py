@@ -23,9 +23,9 @@ import numpy as np
 from pipeline.config import PredictConfig, UserError
 from pipeline.distributed.runtime import init_ray
 from pipeline.ingest.resume import remove_partial_files
-from pipeline.io.filesystems import is_remote
+from pipeline.io.filesystems import prepare_output
 from pipeline.predict import segmenter as segmenter_api
-from pipeline.predict.inputs import Inputs, content_key, discover_inputs, load_done, model_fingerprint
+from pipeline.predict.inputs import content_key, discover_inputs, load_done, model_fingerprint
 from pipeline.predict.report import unaccounted_files, write_tables
 from pipeline.predict.scan import PredictOptions, predict_unit, skipped_row
 
@@ -169,24 +169,6 @@ class ProgressLine:
             self.stream.flush()
 
 
-def _check_output(cfg: PredictConfig, inputs: Inputs) -> Path:
-    """The output folder (created); refuses an object-store URI and a folder inside the input folder."""
-    if is_remote(cfg.output):
-        raise UserError(f"output '{cfg.output}' is an object-store URI: the output must be a local or shared "
-                        "(mounted) folder that every Ray worker can write")
-    out = Path(os.path.abspath(cfg.output))
-    if not is_remote(inputs.root) and os.path.isdir(cfg.input):
-        root = Path(inputs.root)
-        if out == root or root in out.parents:
-            raise UserError(f"output folder '{cfg.output}' is inside the input folder '{cfg.input}': "
-                            "choose an output folder outside it")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output folder '{cfg.output}': {e.strerror}") from None
-    return out
-
-
 def _checked_model(cfg: PredictConfig, factory: Callable) -> str:
     """Fetch and load the model once before any actor starts (a bad URI or folder fails here, in one line);
     return its fingerprint."""
@@ -210,7 +192,7 @@ def run_predict(cfg: PredictConfig, progress: bool = True, segmenter_factory: Ca
     killed run are deleted first. Every input file ends in exactly one row of ``predictions.csv``.
     """
     inputs = discover_inputs(cfg.input)
-    out_dir = _check_output(cfg, inputs)
+    out_dir = prepare_output(cfg.output, cfg.input)
     factory = segmenter_factory or segmenter_api.load_from_folder
     fingerprint = _checked_model(cfg, factory)
     remove_partial_files(out_dir)

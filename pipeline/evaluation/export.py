@@ -1,16 +1,20 @@
 """`anatdiff export`: a pretrained backbone (and its guide) as a folder that loads with plain PyTorch.
 
-The folder holds ``anatdiff_backbone.py`` (one standalone module: the UNet, its blocks, the coordinate
-encodings, the diffusion schedule and the guide network, generated from this package's own sources so it
-cannot drift, plus loaders), ``weights.pt`` (the backbone's state dict, tensors only), ``guide_weights.pt``
-for a learned guide, ``config.json`` (the resolved pretrain config and the input conventions) and a README.
-No anatdiff, MONAI or pydantic import is needed to use it: ``torch`` and ``numpy`` only.
+The folder holds the package ``anatdiff_backbone/``: ``pipeline/evaluation/portable.py`` as its ``__init__``
+(load_backbone, load_guide, extract_features, guide_coords, scale_hu, body_bbox_zyx, bodybox_coords) and the
+package modules it imports, copied as they are with their ``pipeline.`` imports renamed (``shipped_modules``
+follows the imports, so what the export runs is what trained the backbone); ``weights.pt`` (the backbone's
+state dict, tensors only), ``guide_weights.pt`` for a learned guide, ``config.json`` (the resolved pretrain
+config and the input conventions) and a README. No anatdiff, MONAI or pydantic import is needed to use it:
+``torch`` and ``numpy`` only.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,111 +25,11 @@ from pipeline.models.weights import load_plain
 from pipeline.train.checkpoint import load_pretrained
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-#: modules copied into the standalone file, dependency order
-STANDALONE_SOURCES = ("pipeline/models/blocks.py", "pipeline/models/unet3d.py", "pipeline/data/conditioning.py",
-                      "pipeline/diffusion/schedules.py", "pipeline/guide/model.py")
+#: the exported package's ``__init__``; every package module it imports (transitively) is shipped with it
+PORTABLE_API = "pipeline/evaluation/portable.py"
 MODULE_NAME = "anatdiff_backbone"
-EXPORT_FORMAT = "anatdiff.export/1"
-
-_LOADERS = '''
-
-# ------------------------------------------------------------------------------------------ loaders (export)
-import json as _json
-from pathlib import Path as _Path
-
-PAD_HU = -1024
-
-
-def load_config(directory) -> dict:
-    """``config.json`` of an export folder: ``model``, ``diffusion``, ``patches`` and ``conventions``."""
-    return _json.loads((_Path(directory) / "config.json").read_text())
-
-
-def guidance_channels(config: dict) -> int:
-    """Channels of the encoded coordinates the backbone takes as ``cond`` (0 when unguided)."""
-    m = config["model"]
-    if m["guidance"] == "none":
-        return 0
-    return encoding_channels(m["guidance_encoding"], m["guidance_frequencies"])
-
-
-def load_backbone(directory, map_location="cpu"):
-    """(UNet3D in eval mode with the exported weights loaded strictly, config dict)."""
-    config = load_config(directory)
-    m = config["model"]
-    model = UNet3D(1, 1, channels=tuple(m["channels"]), blocks_per_level=m["blocks_per_level"],
-                   time_embed_dim=m["time_embed_dim"], cond_channels=guidance_channels(config),
-                   cond_injection=m["guidance_injection"], stem_stride=m.get("stem_stride", 1))
-    state = torch.load(_Path(directory) / "weights.pt", map_location=map_location, weights_only=True)
-    model.load_state_dict(state, strict=True)
-    return model.eval(), config
-
-
-def load_guide(directory, map_location="cpu"):
-    """The learned coordinate guide (eval mode), or None when the backbone was not trained with one."""
-    config = load_config(directory)
-    if config.get("guide") is None:
-        return None
-    guide = CoordinateGuide(**config["guide"])
-    state = torch.load(_Path(directory) / "guide_weights.pt", map_location=map_location, weights_only=True)
-    guide.load_state_dict(state, strict=True)
-    return guide.eval()
-
-
-def body_bbox_zyx(body_mask_zyx):
-    """Inclusive (first, last) voxel of a (D, H, W) body mask along z, y, x."""
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.flatnonzero(np.asarray(body_mask_zyx).any(axis=other))
-        box.append((int(idx[0]), int(idx[-1])))
-    return tuple(box)
-
-
-@torch.no_grad()
-def guide_coords(guide, volume_hu_zyx):
-    """(3, D, H, W) float32 learned coordinates of a whole (D, H, W) HU volume (padded with air, cropped)."""
-    x = np.clip(np.asarray(volume_hu_zyx, dtype=np.float32), *GUIDE_WINDOW_HU)
-    x = torch.from_numpy((x - GUIDE_WINDOW_HU[0]) / (GUIDE_WINDOW_HU[1] - GUIDE_WINDOW_HU[0]))[None, None]
-    pad_value = (max(PAD_HU, GUIDE_WINDOW_HU[0]) - GUIDE_WINDOW_HU[0]) / (GUIDE_WINDOW_HU[1] - GUIDE_WINDOW_HU[0])
-    pads = []
-    for s in reversed(x.shape[2:]):
-        pads += [0, (-s) % guide.size_multiple]
-    out = guide.forward_full(F.pad(x, pads, value=pad_value))
-    d, h, w = volume_hu_zyx.shape
-    return out[0, :, :d, :h, :w].numpy()
-
-
-def scale_hu(volume_hu_zyx, window_hu):
-    """HU clipped to ``window_hu`` and mapped to [0, 1] float32 (the backbone's input intensity)."""
-    low, high = window_hu
-    return ((np.clip(volume_hu_zyx, low, high) - low) / (high - low)).astype(np.float32)
-
-
-def extract_features(model, config, image01, coords=None, timesteps=(50,), noise=None):
-    """Multi-scale decoder features, coarsest first: list of (B, C_i * len(timesteps), D/s_i, H/s_i, W/s_i).
-
-    image01: (B, 1, D, H, W) float, HU windowed to [0, 1] (``scale_hu``); D, H, W multiples of
-    2**(levels - 1). coords: (B, 3, D, H, W) body coordinates (z, y, x) in about [0, 1] (learned guide or
-    ``bodybox_coords``), ignored when unguided. A diffusion backbone sees its input noised to each timestep
-    (``noise``: standard normal like image01, drawn when None); a restorative one sees it clean at t = 0.
-    """
-    m = config["model"]
-    x0 = 2 * image01 - 1
-    cond = None if m["guidance"] == "none" else encode_coords(coords, m["guidance_encoding"],
-                                                             m["guidance_frequencies"])
-    noised = config.get("objective", "diffusion") in ("diffusion", "none")
-    d = config["diffusion"]
-    make = {"cosine": cosine_beta_schedule, "linear": linear_beta_schedule}[d["schedule"]]
-    schedule = DiffusionSchedule.from_betas(make(d["timesteps"]))
-    noise = torch.randn_like(x0) if noise is None else noise
-    per_t = []
-    for t in (timesteps if noised else (0,)):
-        tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
-        x_t = q_sample(x0, tt, noise, schedule) if noised and t > 0 else x0
-        per_t.append(model(x_t, tt, cond, return_features=True)[1])
-    return [torch.cat(level, dim=1) for level in zip(*per_t)]
-'''
+EXPORT_FORMAT = "anatdiff.export/2"
+_IMPORT = re.compile(r"^(\s*)(from|import)(\s+)pipeline\.", re.MULTILINE)
 
 _README = """# anatdiff pretrained backbone (export)
 
@@ -154,29 +58,62 @@ feats = ab.extract_features(model, config, image01, coords, timesteps=(50,))
 - Features: diffusion backbones are read at a small timestep (t = 50 in the paper's protocol) with one fixed
   noise draw per volume; restorative backbones at t = 0, clean.
 
-Files: `anatdiff_backbone.py` (model code), `weights.pt` (state dict), `guide_weights.pt` (learned guide only),
-`config.json` (the resolved pretrain config and these conventions).
+Files: `anatdiff_backbone/` (the model code and these conventions, copied from anatdiff's own modules),
+`weights.pt` (state dict), `guide_weights.pt` (learned guide only), `config.json` (the resolved pretrain config
+and these conventions).
 """
 
 
-def standalone_source() -> str:
-    """The text of ``anatdiff_backbone.py``: the ``STANDALONE_SOURCES`` bodies (module docstrings, future and
-    ``pipeline`` imports removed) followed by the loaders."""
-    parts = ['"""anatdiff backbone, standalone (generated by `anatdiff export`): torch + numpy only."""\n',
-             "from __future__ import annotations\n", "import numpy as np\n"]
-    for rel in STANDALONE_SOURCES:
-        text = (PACKAGE_ROOT / rel).read_text()
-        tree = ast.parse(text)
-        drop = set()
-        for node in tree.body:
-            is_doc = node is tree.body[0] and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
-            is_internal = isinstance(node, ast.ImportFrom) and (node.module == "__future__"
-                                                                 or (node.module or "").startswith("pipeline"))
-            if is_doc or is_internal:
-                drop.update(range(node.lineno, node.end_lineno + 1))
-        lines = [line for n, line in enumerate(text.splitlines(), 1) if n not in drop]
-        parts.append(f"\n# {'-' * 80} from {rel}\n" + "\n".join(lines) + "\n")
-    return "".join(parts) + _LOADERS
+def _top_level_imports(path: Path) -> list[str]:
+    """``pipeline`` modules a file imports when it loads (top level; ``if TYPE_CHECKING`` blocks excluded)."""
+    out = []
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+            out.append(node.module)
+        elif isinstance(node, ast.Import):
+            out += [a.name for a in node.names if a.name.startswith("pipeline.")]
+    return out
+
+
+def shipped_modules() -> list[str]:
+    """Repository paths of the modules the export ships: ``PORTABLE_API`` and every ``pipeline`` module it
+    imports, transitively. Raises RuntimeError when one of them imports ``pipeline.config`` at load time (the
+    export must not need pydantic): such an import belongs under ``if TYPE_CHECKING``."""
+    todo, seen = [PORTABLE_API], []
+    while todo:
+        rel = todo.pop()
+        if rel in seen:
+            continue
+        seen.append(rel)
+        for module in _top_level_imports(PACKAGE_ROOT / rel):
+            if module == "pipeline.config":
+                raise RuntimeError(f"{rel} imports pipeline.config at load time; the export ships it without "
+                                   f"pydantic: import the config under `if TYPE_CHECKING`")
+            todo.append(module.replace(".", "/") + ".py")
+    return sorted(seen)
+
+
+def write_package(out_dir: Path) -> Path:
+    """Write ``out_dir/anatdiff_backbone/`` (replacing a previous one): ``PORTABLE_API`` as ``__init__.py`` and
+    the other shipped modules at their package paths, ``pipeline.`` imports renamed. Returns the folder."""
+    pkg = out_dir / MODULE_NAME
+    if pkg.exists():
+        shutil.rmtree(pkg)
+    stale = out_dir / f"{MODULE_NAME}.py"           # exports of format 1 were one generated file
+    if stale.is_file():
+        stale.unlink()
+    for rel in shipped_modules():
+        text = _IMPORT.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}{MODULE_NAME}.",
+                           (PACKAGE_ROOT / rel).read_text(encoding="utf-8"))
+        parts = Path(rel).relative_to("pipeline").parts
+        target = pkg / "__init__.py" if rel == PORTABLE_API else pkg.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for parent in target.relative_to(pkg).parents:
+            init = pkg / parent / "__init__.py"
+            if not init.exists():
+                init.write_text("")
+        target.write_text(text, encoding="utf-8")
+    return pkg
 
 
 def export_backbone(model_path: str | Path, out_dir: str | Path, guide_file: str | Path | None = None,
@@ -199,9 +136,12 @@ def export_backbone(model_path: str | Path, out_dir: str | Path, guide_file: str
                             f"found at '{guide_file}'")
         blob = load_plain(guide_file)
         guide_cfg = blob["config"]
+        if guide_cfg.get("kind", "coords") != "coords":
+            raise UserError(f"backbone '{model_path}' was pretrained with a {guide_cfg['kind']!r} guide; export "
+                            f"ships the 3-D coordinate guide only (use `anatdiff predict`, or a coords guide)")
         torch.save({k: v.clone() for k, v in blob["state_dict"].items()}, out / "guide_weights.pt")
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, out / "weights.pt")
-    (out / f"{MODULE_NAME}.py").write_text(standalone_source())
+    write_package(out)
     multiple = 2 ** (len(cfg.model.channels) - 1)
     conventions = {"orientation": "LPS canonical (identity direction)", "axis_order": "zyx",
                    "spacing_zyx_mm": _spacing_of(cfg.data), "window_hu": list(cfg.patches.window_hu),

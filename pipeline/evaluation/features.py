@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import PretrainConfig
-from pipeline.data.conditioning import guidance_cond
-from pipeline.data.patches import PatchStream, VolumeRef, patch_coords, scale_hu
-from pipeline.diffusion.objective import to_model_range
-from pipeline.diffusion.schedules import DiffusionSchedule, q_sample
+from pipeline.data.inputs import scale_hu
+from pipeline.data.patches import PatchStream, VolumeRef, patch_coords
+from pipeline.diffusion.readout import backbone_features, read_timesteps
+from pipeline.diffusion.schedules import DiffusionSchedule
 from pipeline.io.atomic import write_atomic
 
 
@@ -44,8 +44,7 @@ class BackboneFeatures(nn.Module):
         self.trainable = trainable
         self.backbone = backbone.eval().requires_grad_(trainable)
         self.cfg = pretrain_cfg
-        self.noised = pretrain_cfg.objective in ("diffusion", "none")
-        self.timesteps = tuple(timesteps) if self.noised else (0,)
+        self.timesteps = read_timesteps(pretrain_cfg.objective, timesteps)
         self.schedule = DiffusionSchedule.from_config(pretrain_cfg.diffusion)
         self.feature_channels = tuple(c * len(self.timesteps) for c in backbone.feature_channels)
         self.feature_strides = tuple(backbone.feature_strides)
@@ -58,15 +57,8 @@ class BackboneFeatures(nn.Module):
     def forward(self, packed: torch.Tensor) -> list[torch.Tensor]:
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             image, coords, noise = packed[:, :1], packed[:, 1:4], packed[:, 4:5]
-            x0 = to_model_range(image)
-            cond = guidance_cond(self.cfg.model, coords)
-            per_t = []
-            for t in self.timesteps:
-                tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
-                x_t = q_sample(x0, tt, noise, self.schedule.to(x0.device)) if self.noised and t > 0 else x0
-                _, feats = self.backbone(x_t, tt, cond, return_features=True)
-                per_t.append(feats)
-            return [torch.cat(level, dim=1) for level in zip(*per_t)]
+            return backbone_features(self.backbone, self.cfg.model, self.schedule, image, coords, noise,
+                                     self.timesteps, self.cfg.objective)
 
 
 def pack_batch(batch: dict[str, np.ndarray], generator: torch.Generator) -> torch.Tensor:

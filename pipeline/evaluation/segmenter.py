@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.config import PretrainConfig, UserError
-from pipeline.data.patches import PAD_HU, body_bbox_zyx, scale_hu
+from pipeline.data.inputs import PAD_HU, body_bbox_zyx, scale_hu
 from pipeline.evaluation.features import BackboneFeatures
 from pipeline.evaluation.heads import build_head
 from pipeline.data.sliding import sliding_window_predict

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.conditioning import bodybox_coords
-from pipeline.data.patches import PAD_HU, cut_patch, scale_hu
+from pipeline.data.inputs import PAD_HU, scale_hu
+from pipeline.data.patches import cut_patch
 from pipeline.guide.augment import augment_crop
 from pipeline.guide.crops import _interpolate_axis
 from pipeline.guide.model import GUIDE_WINDOW_HU

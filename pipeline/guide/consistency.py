@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.data.conditioning import bodybox_coords
-from pipeline.data.patches import PAD_HU
+from pipeline.data.inputs import PAD_HU
 from pipeline.guide.crops import resample_crop
 
 #: per axis, the share of the scan's extent a view covers (uniform)

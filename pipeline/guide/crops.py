@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.patches import PAD_HU, cut_patch, scale_hu
+from pipeline.data.inputs import PAD_HU, scale_hu
+from pipeline.data.patches import cut_patch
 from pipeline.guide.augment import augment_crop
 from pipeline.guide.model import GUIDE_WINDOW_HU
 

@@ -13,14 +13,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.config import UserError
-from pipeline.data.patches import PAD_HU, scale_hu
+from pipeline.data.inputs import air_value, scale_hu
 from pipeline.data.sliding import sliding_window_predict
 from pipeline.guide.bpr import BodyPartRegressor, bpr_coords
 from pipeline.guide.consistency import bodybox_scale_mm
-from pipeline.guide.model import GUIDE_WINDOW_HU, CoordinateGuide
+from pipeline.guide.model import GUIDE_WINDOW_HU, CoordinateGuide, whole_volume_coords
 from pipeline.models.weights import load_plain, unwrap
 
 GUIDE_FORMAT = "anatdiff.guide/1"
@@ -68,14 +67,6 @@ def load_guide_meta(path: str | Path) -> dict[str, Any]:
     return dict(_read_guide_file(path).get("meta", {}))
 
 
-def _pad_to_multiple(x: torch.Tensor, multiple: int, value: float) -> torch.Tensor:
-    """Pad (B, C, D, H, W) at the far end of each axis with ``value`` to multiples of ``multiple``."""
-    pads = []
-    for s in reversed(x.shape[2:]):
-        pads += [0, (-s) % multiple]
-    return F.pad(x, pads, value=value)
-
-
 def guide_scale_mm(model, mask_zyx: np.ndarray, spacing_zyx_mm) -> np.ndarray:
     """(3,) mm per coordinate unit of a guide's map on one scan: ``axis_scale_mm`` of a 3-D guide; for a bpr
     guide its z scale and, for y and x (body-box channels), the body's extent in mm (from ``mask_zyx``)."""
@@ -102,19 +93,17 @@ def predict_coords(model: CoordinateGuide | BodyPartRegressor, volume_hu_zyx: np
         raise ValueError(f"volume_hu_zyx must be (D, H, W), got shape {np.shape(volume_hu_zyx)}")
     if getattr(model, "kind", "coords") == "bpr":
         return bpr_coords(model, volume_hu_zyx, body_bbox_zyx)
+    if window_zyx is None:
+        return whole_volume_coords(model, volume_hu_zyx, window_hu)
+    window = tuple(int(w) for w in window_zyx)
+    if len(window) != 3 or any(w < 1 or w % model.size_multiple for w in window):
+        raise ValueError(f"window_zyx must be 3 multiples of {model.size_multiple}, got {window_zyx}")
     device = next(model.parameters()).device
     x = torch.from_numpy(scale_hu(np.asarray(volume_hu_zyx), window_hu))[None, None].to(device)
-    shape = x.shape[2:]
-    pad_value = float(scale_hu(np.array(PAD_HU), window_hu))          # air outside the scan
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        if window_zyx is None:
-            out = model.forward_full(_pad_to_multiple(x, model.size_multiple, pad_value))
-        else:
-            window = tuple(int(w) for w in window_zyx)
-            if len(window) != 3 or any(w < 1 or w % model.size_multiple for w in window):
-                raise ValueError(f"window_zyx must be 3 multiples of {model.size_multiple}, got {window_zyx}")
-            out = sliding_window_predict(x, model.forward_full, window, overlap=overlap, pad_value=pad_value)
+        out = sliding_window_predict(x, model.forward_full, window, overlap=overlap, pad_value=air_value(window_hu))
     model.train(was_training)
-    return out[0, :, :shape[0], :shape[1], :shape[2]].float().cpu().numpy()
+    d, h, w = x.shape[2:]
+    return out[0, :, :d, :h, :w].float().cpu().numpy()

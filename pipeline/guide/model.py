@@ -9,10 +9,12 @@ unit) that the distance loss uses lives here too, so it is trained and saved wit
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.data.inputs import air_value, pad_to_multiple, scale_hu
 from pipeline.models.blocks import Downsample, ResBlock3D, Upsample, num_groups
 
 #: APE's intensity window: HU clipped to it and mapped to [0, 1] before the guide sees a crop.
@@ -99,6 +101,22 @@ class CoordinateGuide(nn.Module):
     def forward_full(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, D, H, W) -> (B, 3, D, H, W): ``forward`` upsampled trilinearly (align_corners=False)."""
         return F.interpolate(self(x), size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)
+
+
+@torch.no_grad()
+def whole_volume_coords(guide: CoordinateGuide, volume_hu_zyx: np.ndarray,
+                        window_hu=GUIDE_WINDOW_HU) -> np.ndarray:
+    """(3, D, H, W) float32 coordinates of a whole (D, H, W) HU volume in one pass: HU windowed to [0, 1],
+    padded with air to multiples of ``size_multiple``, ``forward_full``, cropped back. Runs in eval mode on
+    the guide's device (its mode is restored)."""
+    device = next(guide.parameters()).device
+    x = torch.from_numpy(scale_hu(np.asarray(volume_hu_zyx), window_hu))[None, None].to(device)
+    d, h, w = x.shape[2:]
+    was_training = guide.training
+    guide.eval()
+    out = guide.forward_full(pad_to_multiple(x, guide.size_multiple, air_value(window_hu)))
+    guide.train(was_training)
+    return out[0, :, :d, :h, :w].float().cpu().numpy()
 
 
 def build_guide(model_cfg) -> CoordinateGuide:

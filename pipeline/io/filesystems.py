@@ -131,6 +131,28 @@ def is_remote(uri: str | Path) -> bool:
     return str(uri).lower().startswith(REMOTE_SCHEMES)
 
 
+def prepare_output(output: str, input_path: str) -> Path:
+    """The local output folder of a job that reads ``input_path``, created and returned as an absolute path.
+
+    Raises UserError for an object-store URI (every Ray worker writes the output: it must be a local or
+    shared, mounted folder), for a folder that is, or lies inside, a local input folder (a rerun would read
+    its own output), and when it cannot be created."""
+    if is_remote(output):
+        raise UserError(f"output '{output}' is an object-store URI: the output must be a local or shared "
+                        "(mounted) folder that every Ray worker can write")
+    out = Path(os.path.abspath(output))
+    if not is_remote(input_path) and os.path.isdir(input_path):
+        inp = Path(os.path.abspath(input_path))
+        if out == inp or inp in out.parents:
+            raise UserError(f"output folder '{output}' is inside the input folder '{input_path}': "
+                            "choose an output folder outside it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder '{output}': {e.strerror}") from None
+    return out
+
+
 def open_root(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     """(filesystem, root path inside it) for a local folder or an object-store URI. Raises UserError."""
     if not is_remote(uri):

@@ -13,12 +13,16 @@ MONAI's ``UNet`` (strided first convolution), 3.4x cheaper per step on a CPU for
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ModelConfig
 from pipeline.models.blocks import Downsample, ResBlock3D, TimeEmbedding, UpsampleTransposed, num_groups
+
+if TYPE_CHECKING:  # the config is read by attribute only: `anatdiff export` ships this module without it
+    from pipeline.config import ModelConfig
 
 COND_INJECTIONS = ("concat", "film")
 
