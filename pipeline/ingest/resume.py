@@ -28,17 +28,25 @@ DONE_DIR = "private/done"
 _OUTPUT_COLUMNS = ("image_path", "mask_path", "label_path")
 
 
-def content_key(files: list[str] | tuple[str, ...], listing: dict[str, FileEntry], cfg: PreprocessConfig,
-                secret_tag: str = "") -> str:
-    """sha256 hex of the item's files (relative path, size, mtime), the output-changing settings and
-    ``secret_tag`` (the patient-key secret's fingerprint)."""
-    h = hashlib.sha256(KEY_VERSION.encode())
-    h.update(repr((tuple(cfg.target_spacing_zyx_mm), cfg.body_threshold_hu, cfg.max_voxels, cfg.readable_ids,
-                   secret_tag)).encode())
+def files_key(version: str, settings: str, files, listing: dict[str, FileEntry]) -> str:
+    """sha256 hex of ``version``, ``settings`` (a string of whatever changes the outputs) and each of ``files``'
+    relative path, size and mtime from ``listing`` (no byte of a file is read): the content key of preprocess
+    and predict."""
+    h = hashlib.sha256(version.encode())
+    h.update(settings.encode())
     for rel in sorted(files):
         e = listing[rel]
         h.update(f"\0{rel}\0{e.size}\0{e.mtime_ns}".encode())
     return h.hexdigest()
+
+
+def content_key(files: list[str] | tuple[str, ...], listing: dict[str, FileEntry], cfg: PreprocessConfig,
+                secret_tag: str = "") -> str:
+    """sha256 hex of the item's files (relative path, size, mtime), the output-changing settings and
+    ``secret_tag`` (the patient-key secret's fingerprint)."""
+    settings = repr((tuple(cfg.target_spacing_zyx_mm), cfg.body_threshold_hu, cfg.max_voxels, cfg.readable_ids,
+                     secret_tag))
+    return files_key(KEY_VERSION, settings, files, listing)
 
 
 def write_done(out_dir: str | Path, item_id: str, key: str, rows: list[dict]) -> Path:

@@ -114,12 +114,7 @@ def model_fingerprint(folder: str | Path) -> str:
 
 def content_key(files, listing: dict[str, FileEntry], fingerprint: str, settings: dict) -> str:
     """sha256 hex of an item's files (relative path, size, mtime), the model fingerprint and ``settings``."""
-    h = hashlib.sha256(KEY_VERSION.encode())
-    h.update(f"\0{fingerprint}\0{json.dumps(settings, sort_keys=True)}".encode())
-    for rel in sorted(files):
-        e = listing[rel]
-        h.update(f"\0{rel}\0{e.size}\0{e.mtime_ns}".encode())
-    return h.hexdigest()
+    return resume.files_key(KEY_VERSION, f"\0{fingerprint}\0{json.dumps(settings, sort_keys=True)}", files, listing)
 
 
 def load_done(out_dir: str | Path, item_id: str, key: str) -> list[dict] | None:
