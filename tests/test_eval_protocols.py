@@ -9,8 +9,7 @@ import torch
 from pipeline.config import EvaluateConfig, PretrainConfig, UserError, load_config
 from pipeline.evaluation.aggregate import mean_over_cases, summarize_folds, summary_csv, summary_table
 from pipeline.evaluation.folds import check_disjoint, evaluation_folds, limit_patients, patient_of
-from pipeline.evaluation.losses import predict_labels
-from pipeline.evaluation.objectives import dice_ce_loss, segmentation_loss
+from pipeline.evaluation.losses import dice_ce_loss, predict_labels, segmentation_loss
 from pipeline.evaluation.surface import hd95_mm, hd95_per_organ
 from pipeline.labels import NUM_ORGANS
 from tests.conftest import write_tiny_corpus

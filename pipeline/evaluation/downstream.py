@@ -23,12 +23,11 @@ from torch import nn
 
 from pipeline.config import EvaluateConfig, NetworkTrainConfig, PretrainConfig
 from pipeline.data.patches import PatchStream, VolumeRef
+from pipeline.data.sliding import sliding_window_predict
 from pipeline.evaluation.features import BackboneFeatures, BankSpec, build_bank, pack_batch, pack_volume
 from pipeline.evaluation.heads import build_head
-from pipeline.evaluation.losses import predict_labels
+from pipeline.evaluation.losses import predict_labels, segmentation_loss
 from pipeline.evaluation.metrics import dice_mean, dice_per_organ
-from pipeline.evaluation.objectives import segmentation_loss
-from pipeline.data.sliding import sliding_window_predict
 from pipeline.evaluation.surface import hd95_per_organ
 from pipeline.train.step import warmup_cosine_lr
 
