@@ -137,12 +137,20 @@ def test_export_of_a_pretrain_run_registers_and_loads_fresh(setup):
                                   tracking={"tracking_uri": setup["uri"]}))
     client = mlflow.MlflowClient(setup["uri"])
     assert {a.path for a in client.list_artifacts(setup["pretrain"], "export")} >= \
-        {"export/weights.pt", "export/anatdiff_backbone.py", "export/config.json"}
+        {"export/weights.pt", "export/anatdiff_backbone", "export/config.json"}
     version = client.get_model_version_by_alias("anatdiff-backbone-export", "export")
     assert int(version.version) == out["version"] and version.run_id == setup["pretrain"]
+    # the copy in MLflow loads in a fresh process, like the local folder
+    logged = Path(mlflow.artifacts.download_artifacts(run_id=setup["pretrain"], artifact_path="export",
+                                                      dst_path=str(setup["root"] / "downloaded"),
+                                                      tracking_uri=setup["uri"]))
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import anatdiff_backbone as ab; "
             "m, c = ab.load_backbone(sys.argv[1]); print(sum(p.numel() for p in m.parameters()))")
-    proc = subprocess.run([sys.executable, "-I", "-c", code, out["out"]], capture_output=True, text=True,
-                          timeout=120, cwd=setup["root"])
-    assert proc.returncode == 0, proc.stderr
+    counts = []
+    for folder in (out["out"], str(logged)):
+        proc = subprocess.run([sys.executable, "-I", "-c", code, folder], capture_output=True, text=True,
+                              timeout=120, cwd=setup["root"])
+        assert proc.returncode == 0, proc.stderr
+        counts.append(int(proc.stdout.strip().splitlines()[-1]))
+    assert counts[0] == counts[1] > 0
     assert json.loads((Path(out["out"]) / "config.json").read_text())["conventions"]["spacing_zyx_mm"] == [6.0] * 3
