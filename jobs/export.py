@@ -1,5 +1,5 @@
 """`anatdiff export`: a pretrained backbone (and its guide) as a folder that loads with plain PyTorch
-(anatdiff_backbone.py + weights.pt + config.json + README), also logged and registered in MLflow.
+(the package anatdiff_backbone/ + weights.pt + config.json + README), also logged and registered in MLflow.
 """
 
 from __future__ import annotations
