@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from pipeline.guide.consistency import (bodybox_scale_mm, mask_bbox_zyx, read_map_at_mm, rms_mm, sample_views,
-                                        scan_consistency_mm, view_disagreement_mm)
+from pipeline.data.inputs import body_bbox_zyx
+from pipeline.guide.consistency import (bodybox_scale_mm, read_map_at_mm, rms_mm, sample_views, scan_consistency_mm,
+                                        view_disagreement_mm)
 from pipeline.guide.scoring import organ_separation_mm
 
 SCALE_MM = np.array([400.0, 300.0, 200.0])
@@ -79,9 +80,9 @@ def test_scan_consistency_of_a_frame_that_reads_height_from_the_image_is_near_ze
 
 def test_body_box_scale_and_bbox():
     mask = np.zeros((5, 6, 7), bool)
-    assert mask_bbox_zyx(mask) == ((0, 4), (0, 5), (0, 6))
+    assert body_bbox_zyx(mask) == ((0, 4), (0, 5), (0, 6))
     mask[1:4, 2:3, 0:7] = True
-    assert mask_bbox_zyx(mask) == ((1, 3), (2, 2), (0, 6))
+    assert body_bbox_zyx(mask) == ((1, 3), (2, 2), (0, 6))
     np.testing.assert_allclose(bodybox_scale_mm(mask, (2.0, 3.0, 1.0)), [4.0, 3.0, 6.0])   # one voxel at least
 
 

@@ -7,7 +7,6 @@ sanity check and PNG slices of the coordinate maps.
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -20,11 +19,11 @@ from pipeline.config import GuideConfig, UserError, dump_config
 from pipeline.data.patches import load_volume_refs
 from pipeline.distributed import trainer
 from pipeline.distributed.runtime import job_line
-from pipeline.guide.bpr import bpr_loss, build_bpr, sample_slice_set
+from pipeline.guide.bpr import build_bpr, sample_slice_set
 from pipeline.guide.crops import sample_crop_pair
 from pipeline.guide.inference import load_guide, save_guide
 from pipeline.guide.model import build_guide
-from pipeline.guide.train import collate_pairs, guide_param_groups, guide_train_step
+from pipeline.guide.train import bpr_train_step, collate_pairs, guide_param_groups, guide_train_step
 from pipeline.models.weights import load_plain
 from pipeline.train.step import lr_at
 
@@ -68,14 +67,7 @@ def _step(cfg: GuideConfig, ddp, optimizer, batch, rng, autocast) -> dict:
     if cfg.kind == "coords":
         return guide_train_step(ddp, optimizer, batch, cfg.n_points, rng, cfg.optim.grad_clip,
                                 cfg.consistency_weight, cfg.body_fraction, cfg.frame, autocast)
-    ddp.train()
-    optimizer.zero_grad(set_to_none=True)
-    with (torch.autocast(batch["image"].device.type, dtype=autocast) if autocast else contextlib.nullcontext()):
-        loss, info = bpr_loss(ddp, batch, cfg.consistency_weight)
-    loss.backward()
-    info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(ddp.parameters(), cfg.optim.grad_clip))
-    optimizer.step()
-    return info
+    return bpr_train_step(ddp, optimizer, batch, cfg.optim.grad_clip, cfg.consistency_weight, autocast)
 
 
 def train_loop_per_worker(config: dict) -> None:

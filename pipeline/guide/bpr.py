@@ -21,11 +21,13 @@ from torch import nn
 
 from pipeline.data.conditioning import bodybox_coords
 from pipeline.data.inputs import PAD_HU, scale_hu
+from pipeline.data.inputs import body_bbox_zyx as mask_bbox  # (parameters below are named body_bbox_zyx)
 from pipeline.data.patches import cut_patch
 from pipeline.guide.augment import augment_crop
 from pipeline.guide.crops import _interpolate_axis
 from pipeline.guide.model import GUIDE_WINDOW_HU
 from pipeline.models.blocks import num_groups
+from pipeline.models.weights import unwrap
 
 
 class BodyPartRegressor(nn.Module):
@@ -146,8 +148,6 @@ def slice_consistency_loss(scores_a: torch.Tensor, scores_b: torch.Tensor, z_mm:
 def bpr_loss(model: nn.Module, batch: dict[str, torch.Tensor], consistency_weight: float = 1.0
              ) -> tuple[torch.Tensor, dict]:
     """``batch``: ``image`` (B, 2, n, 1, S, S), ``z_mm`` (B, n). Returns (loss, info) like ``guide_loss``."""
-    from pipeline.models.weights import unwrap
-
     image = batch["image"]
     b, _, n = image.shape[:3]
     scores = model(image.flatten(0, 2).float()).float().reshape(b, 2, n)
@@ -162,12 +162,7 @@ def bpr_loss(model: nn.Module, batch: dict[str, torch.Tensor], consistency_weigh
 
 def body_bbox_from_hu(volume_hu_zyx: np.ndarray, threshold_hu: float = -500.0) -> tuple[tuple[int, int], ...]:
     """Inclusive (first, last) voxel per axis of the voxels above ``threshold_hu`` (whole volume if none)."""
-    above = np.asarray(volume_hu_zyx) > threshold_hu
-    box = []
-    for axis in range(3):
-        idx = np.flatnonzero(above.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append((int(idx[0]), int(idx[-1])) if len(idx) else (0, above.shape[axis] - 1))
-    return tuple(box)
+    return mask_bbox(np.asarray(volume_hu_zyx) > threshold_hu)
 
 
 def slice_scores(model: BodyPartRegressor, volume_hu_zyx: np.ndarray, box_yx, batch: int = 64) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.data.conditioning import bodybox_coords
-from pipeline.data.inputs import PAD_HU
+from pipeline.data.inputs import PAD_HU, body_bbox_zyx
 from pipeline.guide.crops import resample_crop
 
 #: per axis, the share of the scan's extent a view covers (uniform)
@@ -80,18 +80,9 @@ def rms_mm(disagreements: list[np.ndarray]) -> np.ndarray:
     return np.sqrt(np.mean(d ** 2, axis=0)) if len(d) else np.full(3, np.nan)
 
 
-def mask_bbox_zyx(mask_zyx: np.ndarray) -> tuple[tuple[int, int], ...]:
-    """Inclusive (first, last) voxel of a mask per axis; the whole array when it is empty."""
-    mask = np.asarray(mask_zyx) > 0
-    if not mask.any():
-        return tuple((0, s - 1) for s in mask.shape)
-    nz = np.argwhere(mask)
-    return tuple((int(a), int(b)) for a, b in zip(nz.min(axis=0), nz.max(axis=0)))
-
-
 def bodybox_scale_mm(mask_zyx: np.ndarray, spacing_zyx_mm) -> np.ndarray:
     """(3,) mm per body-box unit: the body's extent along each axis (at least one voxel)."""
-    box = mask_bbox_zyx(mask_zyx)
+    box = body_bbox_zyx(mask_zyx)
     return np.array([max(b - a, 1) for a, b in box], np.float64) * np.asarray(spacing_zyx_mm, np.float64)
 
 
@@ -107,7 +98,7 @@ def scan_consistency_mm(predict: Callable[[np.ndarray], np.ndarray], volume_hu_z
     spacing = np.asarray(spacing_zyx_mm, np.float64)
     mask = np.asarray(mask_zyx) > 0
     ref = predict(np.asarray(volume_hu_zyx))
-    ref_box = bodybox_coords(mask.shape, mask_bbox_zyx(mask), (0, 0, 0))
+    ref_box = bodybox_coords(mask.shape, body_bbox_zyx(mask), (0, 0, 0))
     box_scale = bodybox_scale_mm(mask, spacing)
     out: dict[str, list[np.ndarray]] = {"learned": [], "bodybox": []}
     for v in sample_views(mask.shape, spacing, rng, n_views):
@@ -120,7 +111,7 @@ def scan_consistency_mm(predict: Callable[[np.ndarray], np.ndarray], volume_hu_z
         out["learned"].append(view_disagreement_mm(ref, spacing, predict(hu.astype(np.int16)), v["origin_zyx_mm"],
                                                    v["spacing_zyx_mm"], scale_mm, vmask,
                                                    rng=np.random.default_rng(seed)))
-        box = bodybox_coords(vmask.shape, mask_bbox_zyx(vmask), (0, 0, 0))
+        box = bodybox_coords(vmask.shape, body_bbox_zyx(vmask), (0, 0, 0))
         out["bodybox"].append(view_disagreement_mm(ref_box, spacing, box, v["origin_zyx_mm"], v["spacing_zyx_mm"],
                                                    box_scale, vmask, rng=np.random.default_rng(seed)))
     return {k: np.concatenate([np.zeros((0, 3))] + v) for k, v in out.items()}

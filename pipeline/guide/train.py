@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.guide.bpr import bpr_loss
 from pipeline.guide.crops import crop_positions_mm
 from pipeline.guide.losses import consistency_loss, distance_loss, mean_pairwise_distance
 from pipeline.guide.model import sample_coords
@@ -124,16 +125,35 @@ def guide_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, compute_loss,
+                    grad_clip: float) -> dict[str, float]:
+    """zero_grad, ``compute_loss() -> (loss, info)``, backward, clip, step; info plus ``grad_norm`` (before
+    clipping)."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss, info = compute_loss()
+    loss.backward()
+    info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    optimizer.step()
+    return info
+
+
 def guide_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, pair_batch: dict[str, torch.Tensor],
                      n_points: int, rng: np.random.Generator, grad_clip: float = 1.0,
                      consistency_weight: float = 1.0, body_fraction: float = 0.5,
                      frame: str = "axes", autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
     """One optimizer step of ``guide_loss``; returns its info plus ``grad_norm`` (before clipping)."""
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    loss, info = guide_loss(model, pair_batch, n_points, rng, consistency_weight, body_fraction, frame,
-                            autocast_dtype)
-    loss.backward()
-    info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
-    optimizer.step()
-    return info
+    return _optimizer_step(model, optimizer, lambda: guide_loss(model, pair_batch, n_points, rng, consistency_weight,
+                                                                body_fraction, frame, autocast_dtype), grad_clip)
+
+
+def bpr_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                   grad_clip: float = 1.0, consistency_weight: float = 1.0,
+                   autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """One optimizer step of ``bpr.bpr_loss`` (the 1-D guide); its info plus ``grad_norm`` (before clipping)."""
+    def compute():
+        with (torch.autocast(batch["image"].device.type, dtype=autocast_dtype) if autocast_dtype
+              else contextlib.nullcontext()):
+            return bpr_loss(model, batch, consistency_weight)
+
+    return _optimizer_step(model, optimizer, compute, grad_clip)
