@@ -6,6 +6,7 @@ seen, and every worker takes the same number of batches per step (what DDP needs
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,16 @@ class VolumeRef:
         """The learned guide's (3, D, H, W) map, when one was computed for this volume."""
         return self._memmap("coords", self.coords_path)
 
+    def content_digest(self) -> str:
+        """Hex digest of the volume's shape, spacing and middle axial slice: the same scan preprocessed again
+        (a new output folder, so new keyed item ids) gets the same digest. Reads one slice."""
+        if "digest" not in self._cache:
+            h = hashlib.blake2b(digest_size=16)
+            h.update(repr((tuple(self.shape_zyx), tuple(self.spacing_zyx_mm))).encode())
+            h.update(np.ascontiguousarray(self.image()[self.shape_zyx[0] // 2]).tobytes())
+            self._cache["digest"] = h.hexdigest()
+        return self._cache["digest"]
+
     def body_bbox_zyx(self) -> tuple[tuple[int, int], ...]:
         """Inclusive (first, last) voxel of the body along z, y, x (whole volume without a mask)."""
         if "bbox" not in self._cache:
@@ -61,6 +72,19 @@ class VolumeRef:
             self._cache["bbox"] = tuple((0, s - 1) for s in self.shape_zyx) if mask is None else \
                 body_bbox_zyx(mask)
         return self._cache["bbox"]
+
+
+def content_names(refs: list[VolumeRef]) -> list[str]:
+    """Per ref, a name that sorts the same way every time the same data is preprocessed (keyed item ids do not):
+    its ``content_digest``, with ``item_id`` appended only to tell identical volumes apart."""
+    digests = [r.content_digest() for r in refs]
+    twice = {d for d in digests if digests.count(d) > 1}
+    return [f"{d}.{r.item_id}" if d in twice else d for d, r in zip(digests, refs)]
+
+
+def in_content_order(refs: list[VolumeRef]) -> list[VolumeRef]:
+    """``refs`` sorted by ``content_names``."""
+    return [r for _, r in sorted(zip(content_names(refs), refs), key=lambda pair: pair[0])]
 
 
 def load_volume_refs(data_dir: str | Path, require_labels: bool = False,

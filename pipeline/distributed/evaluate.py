@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline import tracking
 from pipeline.config import EvaluateConfig, UserError
-from pipeline.data.patches import VolumeRef, load_volume_refs
+from pipeline.data.patches import VolumeRef, content_names, in_content_order, load_volume_refs
 from pipeline.evaluation.aggregate import (FoldSummary, mean_over_cases, per_case_csv, summarize_folds,
                                            summary_csv, summary_table)
 from pipeline.evaluation.folds import evaluation_folds
@@ -85,26 +85,36 @@ def plan_folds(cfg: EvaluateConfig, refs: list[VolumeRef],
                test_refs: list[VolumeRef] | None = None) -> list[dict[str, list[str]]]:
     """The run's folds from the manifest's patient keys; a UserError says what to change if impossible.
 
+    Items without a patient key are ordered by their volume's content (``VolumeRef.content_digest``), not by
+    item id: keyed item ids change each time the same scans are preprocessed again, and the split must not.
     With ``test_refs`` (``cfg.test_data``, another dataset): one fold training on ``refs`` (the last
     ``val_cases`` patients validate, ``train_cases`` limits the rest) and testing on every case of ``test_refs``.
     """
-    ids = [r.item_id for r in refs]
+    refs = in_content_order(refs)
+    ids = content_names(refs)                        # split by these names, then map back to item ids
+    item_of = {n: r.item_id for n, r in zip(ids, refs)}
     keys = [r.patient_key if isinstance(r.patient_key, str) else None for r in refs]
     if test_refs is not None:
-        return [_external_fold(cfg, ids, keys, [r.item_id for r in test_refs])]
-    try:
-        return evaluation_folds(ids, keys, cfg.split, cfg.folds, cfg.fold_seed, cfg.val_cases, cfg.train_cases,
-                                cfg.test_fraction, cfg.seed)
-    except ValueError as e:
-        raise UserError(f"cannot split '{cfg.data}' ({len(ids)} labelled items) for evaluation with "
-                        f"split={cfg.split}, folds={cfg.folds}: {e}") from None
+        if {r.item_id for r in refs} & {r.item_id for r in test_refs}:
+            raise UserError("data and test_data share item ids: the test set must be another dataset")
+        test_ids = [r.item_id for r in in_content_order(test_refs)]
+        folds = [_external_fold(cfg, ids, keys)]
+    else:
+        try:
+            folds = evaluation_folds(ids, keys, cfg.split, cfg.folds, cfg.fold_seed, cfg.val_cases,
+                                     cfg.train_cases, cfg.test_fraction, cfg.seed)
+        except ValueError as e:
+            raise UserError(f"cannot split '{cfg.data}' ({len(ids)} labelled items) for evaluation with "
+                            f"split={cfg.split}, folds={cfg.folds}: {e}") from None
+    folds = [{part: [item_of[n] for n in members] for part, members in fold.items()} for fold in folds]
+    if test_refs is not None:
+        folds[0]["test"] = test_ids
+    return folds
 
 
-def _external_fold(cfg: EvaluateConfig, ids: list[str], keys: list, test_ids: list[str]) -> dict[str, list[str]]:
+def _external_fold(cfg: EvaluateConfig, ids: list[str], keys: list) -> dict[str, list[str]]:
     from pipeline.evaluation.folds import limit_patients, patient_of
 
-    if set(ids) & set(test_ids):
-        raise UserError("data and test_data share item ids: the test set must be another dataset")
     patients = sorted({patient_of(i, k) for i, k in zip(ids, keys)})
     if cfg.val_cases >= len(patients):
         raise UserError(f"val_cases={cfg.val_cases} leaves no training patient of {len(patients)} in '{cfg.data}'")
@@ -117,7 +127,7 @@ def _external_fold(cfg: EvaluateConfig, ids: list[str], keys: list, test_ids: li
             train = limit_patients(train, [k for _, k in train_pairs], cfg.train_cases, cfg.seed)
         except ValueError as e:
             raise UserError(f"train_cases: {e}") from None
-    return {"train": train, "val": val, "test": list(test_ids)}
+    return {"train": train, "val": val, "test": []}
 
 
 def guide_file_of(model_path: str, uri: str, workdir: Path, run_id: str) -> Path | None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.config import EvaluateConfig, FrozenHeadConfig, PretrainConfig, ProbeConfig
-from pipeline.data.patches import VolumeRef
+from pipeline.data.patches import VolumeRef, in_content_order
 from pipeline.evaluation.downstream import predict_volume, train_frozen_head
 from pipeline.evaluation.features import BackboneFeatures
 from pipeline.evaluation.metrics import dice_per_organ
@@ -22,9 +22,9 @@ from pipeline.evaluation.metrics import dice_per_organ
 
 def split_probe_refs(refs: list[VolumeRef], cfg: ProbeConfig) -> tuple[list[VolumeRef], list[VolumeRef]]:
     """(fit, score) volumes of the probe: the first ``cfg.fit_cases`` and the next ``cfg.score_cases`` of
-    ``refs`` sorted by item id (patients are not mixed up here: give the probe a folder whose items are
-    distinct patients)."""
-    refs = sorted(refs, key=lambda r: r.item_id)
+    ``refs`` in content order (``in_content_order``: the same cases whenever the folder is preprocessed again;
+    patients are not mixed up here: give the probe a folder whose items are distinct patients)."""
+    refs = in_content_order(refs)
     need = cfg.fit_cases + cfg.score_cases
     if len(refs) < need:
         raise ValueError(f"probe.data holds {len(refs)} labelled volumes; fit_cases + score_cases = {need}")
