@@ -85,6 +85,10 @@ def test_bank_is_deterministic_per_volume_and_cached(tmp_path):
     # a volume's rows do not depend on the other volumes of the fold (folds share them)
     alone = build_bank(feats, refs[1:], spec)
     assert torch.equal(a.features[-len(alone):], alone.features)
+    # nor on the id preprocessing gave it (keyed ids are new on every run): the same windows under another id
+    renamed = load_volume_refs(data, require_labels=True)[1:]
+    renamed[0].item_id = "ct-0123456789abcdef"
+    assert torch.equal(build_bank(feats, renamed, spec).features, alone.features)
     cached = build_bank(feats, refs, spec, cache_dir=tmp_path / "cache")
     files = list((tmp_path / "cache").glob("*/*.npz"))
     assert len(files) == 2 and torch.equal(cached.features, a.features)

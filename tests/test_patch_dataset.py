@@ -9,7 +9,7 @@ import pytest
 from conftest import write_tiny_corpus
 from pipeline.config import UserError
 from pipeline.data.inputs import PAD_HU, scale_hu
-from pipeline.data.patches import cut_patch
+from pipeline.data.patches import cut_patch, load_volume_refs
 from pipeline.distributed.patch_dataset import (PatchCutter, decode_descriptors, equal_shards, patch_dataset,
                                                 rank_batches, volume_weights)
 
@@ -52,9 +52,10 @@ def test_patches_are_windowed_cuts_centred_in_the_body(tmp_path):
     out = cutter(root)({"id": np.arange(24)})
     assert out["image"].shape == (24, 1, 8, 8, 8) and out["image"].dtype == np.float32
     assert out["coords"].shape == (24, 3, 8, 8, 8) and out["label"].dtype == np.int64
+    refs = load_volume_refs(root)                       # volume_index counts the corpus in its read order
     for i in range(24):
-        vol = np.load(root / "volumes" / f"v{out['volume_index'][i]}.npy")
-        mask = np.load(root / "masks" / f"v{out['volume_index'][i]}.npy")
+        vol = np.load(refs[out["volume_index"][i]].image_path)
+        mask = np.load(refs[out["volume_index"][i]].mask_path)
         start = out["start"][i]
         assert mask[tuple(start + 4)] == 1  # the patch centre is a body voxel
         np.testing.assert_array_equal(out["image"][i, 0], scale_hu(cut_patch(vol, start, SIZE, PAD_HU), WINDOW))
@@ -125,11 +126,13 @@ def test_ray_dataset_equal_batches_per_consumer_and_deterministic(tmp_path, ray_
 def test_ray_dataset_scanner_balance_changes_the_mix(tmp_path, ray_session):
     root = scanner_corpus(tmp_path)
 
+    b_index = [r.item_id for r in load_volume_refs(root)].index("v3")   # v3 is scanner B's only volume
+
     def share_of_b(balance):
         ds = patch_dataset(root, SIZE, WINDOW, 8, 10, 2, seed=3, balance_scanners=balance, rows_per_block=40)
         vols = np.concatenate([b["volume_index"] for b in rank_batches(ds, 40, keep_descriptors=True)])
         assert len(vols) == 160
-        return float(np.mean(vols == 3))  # v3 is scanner B's only volume
+        return float(np.mean(vols == b_index))
 
     assert 0.15 < share_of_b(False) < 0.35  # uniform over volumes: 1/4
     assert 0.40 < share_of_b(True) < 0.60  # balanced over scanners: 1/2

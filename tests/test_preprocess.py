@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline.config import PreprocessConfig, UserError
+from pipeline.data.patches import volume_digest
 from pipeline.ingest.manifest import COLUMNS, ROW_FIELDS, read_manifest, skipped_row, summarize, write_manifest
 from pipeline.ingest.phi import patient_key
 from pipeline.ingest.preprocess import preprocess_item
@@ -140,6 +141,11 @@ def test_accepted_item_outputs_in_canonical_physical_space(tmp_path):
     np.testing.assert_array_equal(lab, label)
     assert row["spacing_mm"] == [1.0, 1.0, 1.0] and row["source_shape"] == [Z, Y, X] and row["has_label"]
     assert mask[vol == 40].all() and not mask[0].any()
+    # the digest the jobs order volumes by: the one a reader computes from the written volume (older manifests)
+    assert row["volume_digest"] == volume_digest(np.load(out / row["image_path"], mmap_mode="r"), (1.0, 1.0, 1.0))
+    other = image.copy()
+    other[Z // 2, 0, 0] += 1
+    assert len({row["volume_digest"], volume_digest(other, (1.0, 1.0, 1.0)), volume_digest(image, (1.0, 1.0, 2.0))}) == 3
 
 
 def test_crop_origin_and_clip_after_resampling(tmp_path):

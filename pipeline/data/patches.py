@@ -18,6 +18,17 @@ from pipeline.data.conditioning import bodybox_coords
 from pipeline.data.inputs import PAD_HU, body_bbox_zyx, scale_hu
 
 
+def volume_digest(volume_zyx: np.ndarray, spacing_zyx_mm) -> str:
+    """Hex digest of a preprocessed volume's shape, spacing and middle axial slice. Keyed item ids are new each
+    time a corpus is preprocessed (a random key per output folder); this is not, so splits, probe cases, bank
+    windows and the order volumes are read in follow it. Reads one slice of a memory map."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update((",".join(str(int(n)) for n in volume_zyx.shape) + "|" +
+              ",".join(f"{float(s):.6g}" for s in spacing_zyx_mm)).encode())
+    h.update(np.ascontiguousarray(volume_zyx[volume_zyx.shape[0] // 2]).tobytes())
+    return h.hexdigest()
+
+
 @dataclass
 class VolumeRef:
     """One preprocessed volume on disk (paths absolute)."""
@@ -32,6 +43,7 @@ class VolumeRef:
     spacing_zyx_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
     origin_xyz_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     coords_path: Path | None = None
+    digest: str | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def _memmap(self, name: str, path: Path | None) -> np.ndarray | None:
@@ -56,14 +68,11 @@ class VolumeRef:
         return self._memmap("coords", self.coords_path)
 
     def content_digest(self) -> str:
-        """Hex digest of the volume's shape, spacing and middle axial slice: the same scan preprocessed again
-        (a new output folder, so new keyed item ids) gets the same digest. Reads one slice."""
-        if "digest" not in self._cache:
-            h = hashlib.blake2b(digest_size=16)
-            h.update(repr((tuple(self.shape_zyx), tuple(self.spacing_zyx_mm))).encode())
-            h.update(np.ascontiguousarray(self.image()[self.shape_zyx[0] // 2]).tobytes())
-            self._cache["digest"] = h.hexdigest()
-        return self._cache["digest"]
+        """``volume_digest`` of this volume: the manifest's ``volume_digest`` when preprocessing wrote one, else
+        computed here (one slice read)."""
+        if self.digest is None:
+            self.digest = volume_digest(self.image(), self.spacing_zyx_mm)
+        return self.digest
 
     def body_bbox_zyx(self) -> tuple[tuple[int, int], ...]:
         """Inclusive (first, last) voxel of the body along z, y, x (whole volume without a mask)."""
@@ -89,7 +98,8 @@ def in_content_order(refs: list[VolumeRef]) -> list[VolumeRef]:
 
 def load_volume_refs(data_dir: str | Path, require_labels: bool = False,
                      coords_dir: str | Path | None = None) -> list[VolumeRef]:
-    """Accepted items of ``data_dir/manifest.parquet`` as VolumeRefs (sorted by item id).
+    """Accepted items of ``data_dir/manifest.parquet`` as VolumeRefs in content order (``in_content_order``:
+    the same order whenever the same scans are preprocessed again, whatever ids they got).
 
     ``coords_dir``: folder of learned-guide coordinate maps ``<item_id>.npy`` (see distributed/coords.py).
     """
@@ -118,8 +128,9 @@ def load_volume_refs(data_dir: str | Path, require_labels: bool = False,
             patient_key=getattr(row, "patient_key", None),
             spacing_zyx_mm=tuple(float(v) for v in row.target_spacing_mm),
             origin_xyz_mm=tuple(float(v) for v in row.origin_xyz_mm),
-            coords_path=None if coords_dir is None else Path(coords_dir) / f"{row.item_id}.npy"))
-    return refs
+            coords_path=None if coords_dir is None else Path(coords_dir) / f"{row.item_id}.npy",
+            digest=getattr(row, "volume_digest", None) or None))
+    return in_content_order(refs)
 
 
 def cut_patch(volume_zyx: np.ndarray, start_zyx: np.ndarray, size_zyx: tuple[int, int, int],

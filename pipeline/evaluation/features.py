@@ -155,18 +155,19 @@ class BankSpec:
     seed: int
 
 
-def _volume_seed(item_id: str, seed: int) -> list[int]:
-    return [seed, int(hashlib.sha256(item_id.encode()).hexdigest()[:8], 16)]
+def _volume_seed(ref: VolumeRef, seed: int) -> list[int]:
+    """(seed, a number from the volume's content): the same windows whatever id the volume got this time."""
+    return [seed, int(ref.content_digest()[:8], 16)]
 
 
 @torch.no_grad()
 def volume_bank(features: BackboneFeatures, ref: VolumeRef, spec: BankSpec, batch_size: int = 2) -> FeatureBank:
     """The bank rows of one volume: ``spec.windows_per_volume`` windows (centred on an organ drawn uniformly among
     those present with probability ``foreground_prob``, moved by up to ``jitter`` x the window size, else on a
-    body voxel), features of ``sample_window_voxels`` voxels in each. Deterministic in (``seed``, item id), so a
-    volume's rows are the same whichever fold it trains in."""
+    body voxel), features of ``sample_window_voxels`` voxels in each. Deterministic in (``seed``, the volume's
+    content), so a volume's rows are the same whichever fold it trains in and whatever id preprocessing gave it."""
     device = next(features.backbone.parameters()).device
-    vseed = _volume_seed(ref.item_id, spec.seed)
+    vseed = _volume_seed(ref, spec.seed)
     stream = PatchStream([ref], spec.patch_size_zyx, spec.window_hu, seed=vseed[0], rank=vseed[1],
                          foreground_prob=spec.foreground_prob, jitter=spec.jitter)
     rng = np.random.default_rng(vseed + [17])

@@ -29,7 +29,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("origin_xyz_mm", _f3), ("image_path", _str), ("label_path", _str), ("mask_path", _str),
     ("has_label", pa.bool_()), ("modality", _str), ("scanner_key", _str), ("patient_key", _str),
     ("slice_thickness_mm", pa.float64()), ("kvp", pa.float64()), ("contrast", pa.bool_()),
-    ("hu_hist_body", _i3), ("content_key", _str),
+    ("hu_hist_body", _i3), ("content_key", _str), ("volume_digest", _str),
 ])
 COLUMNS = tuple(MANIFEST_SCHEMA.names)
 #: row fields that never reach the public manifest: the DICOM SeriesInstanceUID and a fingerprint of the

@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from pipeline.config import PreprocessConfig
+from pipeline.data.patches import volume_digest
 from pipeline.ingest.body import bbox_zyx, body_mask
 from pipeline.ingest.geometry import Grid, resample_hu_int16, resample_label_onto, to_canonical
 from pipeline.ingest.manifest import empty_row, skipped_row
@@ -243,7 +244,7 @@ def _process(item: Item, cfg: PreprocessConfig, out_dir: Path, row: dict, secret
         save_npy_atomic(out_dir / rel, array)   # np.save writes a non-contiguous view without a full copy
         row[column] = rel
     row.update(shape=list(volume_hu[box].shape), origin_xyz_mm=list(grid.point([b.start for b in box[::-1]])),
-               has_label=label is not None)
+               has_label=label is not None, volume_digest=volume_digest(volume_hu[box], cfg.target_spacing_zyx_mm))
 
 
 def split_dicom_folder(item: Item) -> tuple[list[tuple[Item, Series]], list[tuple[str, str]]]:
@@ -281,7 +282,7 @@ def _row(item: Item, cfg: PreprocessConfig, out_dir: Path, secret: str | None, s
                    reason=f"error: {type(e).__name__}: {public_text(one_line(e), file_labels(item))}")
     if row["status"] == "rejected":
         row.update(image_path=None, mask_path=None, label_path=None, shape=None, origin_xyz_mm=None,
-                   hu_hist_body=None)
+                   hu_hist_body=None, volume_digest=None)
     return row
 
 
