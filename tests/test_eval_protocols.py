@@ -252,3 +252,27 @@ def test_split_does_not_change_when_the_same_scans_are_preprocessed_again(tmp_pa
     digest_again = {r.item_id: r.content_digest() for r in rerun}
     as_content = lambda folds, d: [{p: [d[i] for i in ids] for p, ids in f.items()} for f in folds]  # noqa: E731
     assert as_content(again, digest_again) == as_content(first, digest)
+
+
+def test_ceiling_network_gets_its_own_coordinate_input(tmp_path):
+    """The ceiling is a random-init network of the pretrained model's architecture; ``ceiling_guidance`` sets its
+    coordinate input (none by default: supervised training learned faster without it on the tuning phantoms).
+    Pretrained weights keep theirs."""
+    from pipeline.data.conditioning import cond_channels
+    from pipeline.train.checkpoint import load_pretrained, save_model
+    from pipeline.train.step import build_model
+
+    cfg = PretrainConfig.model_validate({"data": "x", "patches": {"patch_size_zyx": [8, 16, 16]},
+                                         "model": {"channels": [8, 16], "time_embed_dim": 16, "guidance": "bodybox"}})
+    save_model(tmp_path / "model.pt", build_model(cfg.model), cfg, 0)
+    same, same_cfg = load_pretrained(tmp_path / "model.pt", random_init=True)
+    bare, bare_cfg = load_pretrained(tmp_path / "model.pt", random_init=True, guidance="none")
+    assert same_cfg.model.guidance == "bodybox" and bare_cfg.model.guidance == "none"
+    assert cond_channels(bare_cfg.model) == 0 < cond_channels(same_cfg.model)
+    first = lambda m: next(p for p in m.parameters() if p.dim() == 5)  # noqa: E731 - the stem's kernel
+    assert first(bare).shape[1] < first(same).shape[1]
+    assert bare_cfg.model.model_copy(update={"guidance": "bodybox"}) == same_cfg.model   # nothing else changes
+    with pytest.raises(ValueError, match="random_init"):
+        load_pretrained(tmp_path / "model.pt", guidance="none")
+    assert EvaluateConfig(data="x").ceiling_guidance == "none"
+    assert load_config(EvaluateConfig, "evaluate-tiny", {"data": "x"}).ceiling_guidance == "none"

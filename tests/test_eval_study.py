@@ -32,6 +32,8 @@ def test_study_presets_nested_configs_validate(preset):
         load_config(PretrainConfig, cfg.pretrain_preset, pretrain_overrides(cfg, variant, "d", "r", "s", "G"))
     ev = load_config(EvaluateConfig, cfg.evaluate_preset, deep_update({"data": "d"}, cfg.evaluate))
     NetworkTrainConfig.model_validate(deep_update(ev.finetune.model_dump(mode="json"), cfg.ceiling))
+    ceiling = load_config(PretrainConfig, cfg.pretrain_preset, pretrain_overrides(cfg, "ceiling", "d", "r", "s", None))
+    assert ceiling.objective == "none" and ceiling.model.guidance == ev.ceiling_guidance == "none"
 
 
 def test_ceiling_steps_per_label_budget():
@@ -117,6 +119,8 @@ def test_study_smoke(tmp_path):
     assert all(0.0 <= r.mean <= 1.0 for r in out["rows"]) and all(np.isfinite(r.n_train) for r in out["rows"])
     parsed = json.loads(out["json"])
     assert len(parsed["rows"]) == 8 and parsed["ceiling"]["mean"] is not None
+    ceiling_run = mlflow.MlflowClient(uri).get_run(out["pretrain_runs"]["ceiling"])
+    assert ceiling_run.data.tags["anatdiff.guidance"] == "none"       # the ceiling's own random-init network
     md = out["compare"]["markdown"]
     assert "| random init |" in md and "| diffusion (body-box guide) |" in md
     client = mlflow.MlflowClient(uri)

@@ -43,7 +43,8 @@ def _fold_task(model_path: str, variant: str, cfg_json: dict, data_dirs: list[st
     torch.set_num_threads(1)
     cfg = EvaluateConfig.model_validate(cfg_json)
     device = "cuda" if cfg.gpus_per_task > 0 and torch.cuda.is_available() else "cpu"
-    backbone, pretrain_cfg = load_pretrained(model_path, random_init=variant != "pretrained", seed=cfg.seed)
+    backbone, pretrain_cfg = load_pretrained(model_path, random_init=variant != "pretrained", seed=cfg.seed,
+                                             guidance=cfg.ceiling_guidance if variant == "ceiling" else None)
     refs = {r.item_id: r for d, c in zip(data_dirs, coords_dirs)
             for r in load_volume_refs(d, require_labels=True, coords_dir=c)}
     out = evaluate_backbone(backbone, pretrain_cfg, cfg, [refs[i] for i in fold["train"]],

@@ -5,8 +5,9 @@ Variants (``StudyConfig.variants``): ``random_init`` (``objective: none``), ``re
 ``contrastive`` (vox2vec), ``unguided`` (diffusion, ``guidance: none``), ``guided_bodybox`` and ``guided_learned``
 (diffusion guided by body-box coordinates, or by the learned guide trained first by ``run_guide``). All share
 the pretrain preset (same budget, batch, patches, model), the unlabelled corpus and the labelled folds. The
-ceiling is the random-init network with all weights trained (the finetune protocol with ``StudyConfig.ceiling``
-settings; ``StudyConfig.ceiling_steps`` sets its steps per label budget), at every label budget. Frozen-feature
+ceiling is a random-init network of the same architecture with all weights trained (the finetune protocol with
+``StudyConfig.ceiling`` settings; ``StudyConfig.ceiling_steps`` sets its steps per label budget; its coordinate
+input is the evaluate preset's ``ceiling_guidance``), at every label budget. Frozen-feature
 banks are cached per volume and backbone (``workdir/banks``).
 """
 
@@ -68,16 +69,23 @@ def pretrain_overrides(cfg: StudyConfig, variant: str, data_dir: str, run_name: 
     """The pretrain preset overrides of one variant (everything else: the shared budget)."""
     over = deep_update({"data": data_dir, "run_name": run_name, "storage_path": storage, "seed": cfg.seed,
                         "num_cpus": cfg.num_cpus, "tracking": cfg.tracking.model_dump()}, cfg.pretrain)
+    if variant == "ceiling":             # the random-init network the ceiling trains, with its coordinate input
+        guidance = _evaluate_preset(cfg).ceiling_guidance
+        return deep_update(over, {"objective": "none", **({"model": {"guidance": guidance}} if guidance else {})})
     over = deep_update(over, VARIANT_OVERRIDES[variant])
     if variant == "guided_learned":
         over = deep_update(over, {"model": {"guide_checkpoint": f"runs:/{guide_run}"}})
     return over
 
 
+def _evaluate_preset(cfg: StudyConfig) -> EvaluateConfig:
+    return load_config(EvaluateConfig, cfg.evaluate_preset, deep_update({"data": "x"}, cfg.evaluate))
+
+
 def ceiling_settings(cfg: StudyConfig, budget) -> dict:
     """The ceiling's training settings at label budget ``budget``: the evaluate preset's finetune settings, then
     ``cfg.ceiling``, then the budget's steps from ``cfg.ceiling_steps``."""
-    preset = load_config(EvaluateConfig, cfg.evaluate_preset, deep_update({"data": "x"}, cfg.evaluate))
+    preset = _evaluate_preset(cfg)
     settings = deep_update(preset.finetune.model_dump(mode="json"), cfg.ceiling or {})
     if budget in cfg.ceiling_steps:
         settings["steps"] = cfg.ceiling_steps[budget]
@@ -105,8 +113,7 @@ def _pretrain_all(cfg: StudyConfig, work: Path, data: dict[str, str], stamp: str
     from pipeline.distributed.pretrain import run_pretrain
 
     runs = {}
-    variants = list(cfg.variants) + (["random_init"] if cfg.ceiling is not None
-                                     and "random_init" not in cfg.variants else [])
+    variants = list(cfg.variants) + (["ceiling"] if cfg.ceiling is not None else [])
     for variant in variants:
         pt = load_config(PretrainConfig, cfg.pretrain_preset, pretrain_overrides(
             cfg, variant, data["unlabeled"], f"study-{stamp}-{variant}", str(work / "runs"), guide_run))
@@ -140,7 +147,7 @@ def run_study(cfg: StudyConfig) -> dict:
     rows, t_eval = [], time.perf_counter()
     for n, (variant, protocol, budget) in enumerate(jobs, start=1):
         if variant == "ceiling":
-            row = _evaluate(cfg, data["labeled"], work, pretrain_runs["random_init"], "finetune", budget,
+            row = _evaluate(cfg, data["labeled"], work, pretrain_runs["ceiling"], "finetune", budget,
                             {"finetune": ceiling_settings(cfg, budget)})
             row.protocol = "supervised"
         else:

@@ -50,8 +50,10 @@ def save_model(path: Path, model: nn.Module, cfg: PretrainConfig, step: int) -> 
                 "config": cfg.model_dump(mode="json"), "step": step}, path)
 
 
-def load_pretrained(path: str | Path, random_init: bool = False, seed: int = 0) -> tuple[nn.Module, PretrainConfig]:
-    """Rebuild the backbone from ``model.pt``; ``random_init`` keeps the architecture, drops the weights."""
+def load_pretrained(path: str | Path, random_init: bool = False, seed: int = 0,
+                    guidance: str | None = None) -> tuple[nn.Module, PretrainConfig]:
+    """Rebuild the backbone from ``model.pt``; ``random_init`` keeps the architecture, drops the weights, and
+    with ``guidance`` ("none" / "bodybox") also changes the network's coordinate input (the ceiling's)."""
     from pipeline.train.step import build_model
 
     path = Path(path)
@@ -63,6 +65,10 @@ def load_pretrained(path: str | Path, random_init: bool = False, seed: int = 0) 
     if not isinstance(blob, dict) or blob.get("format") != "anatdiff.model/1":
         raise UserError(f"'{path}' is not an anatdiff model file (expected format anatdiff.model/1)")
     cfg = PretrainConfig.model_validate(blob["config"])
+    if guidance is not None and guidance != cfg.model.guidance:
+        if not random_init:
+            raise ValueError("the coordinate input of pretrained weights cannot change: pass random_init=True")
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"guidance": guidance})})
     torch.manual_seed(seed)
     model = build_model(cfg.model)
     if not random_init:
