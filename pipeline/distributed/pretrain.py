@@ -144,8 +144,6 @@ def train_loop_per_worker(config: dict) -> None:
 
 def run_pretrain(cfg: PretrainConfig, config_path: str | None = None) -> dict:
     """Driver: MLflow run, Ray TorchTrainer, final model logged. Returns run id and paths."""
-    from pipeline.distributed.runtime import init_ray
-
     data_dir = Path(cfg.data).resolve()
     refs = load_volume_refs(data_dir)  # fails fast, before Ray starts, on a missing corpus
     uri = tracking.connect(cfg.tracking.tracking_uri)
@@ -157,9 +155,18 @@ def run_pretrain(cfg: PretrainConfig, config_path: str | None = None) -> dict:
                                       "anatdiff.manifest_sha256": _file_sha256(data_dir / "manifest.parquet")},
                                 resume_tag=("anatdiff.run_key", f"{storage}/{cfg.run_name}"))
     tracking.log_params(uri, run_id, cfg.model_dump(mode="json") | {"n_volumes": len(refs)})
-    guide_file = _learned_guide(cfg, uri, run_id)
-    if cfg.objective == "none":
-        return _random_init_run(cfg, uri, run_id, guide_file)
+    with tempfile.TemporaryDirectory(prefix="anatdiff-guide-") as cache:
+        guide_file = _learned_guide(cfg, uri, run_id, Path(cache))
+        if cfg.objective == "none":
+            return _random_init_run(cfg, uri, run_id, guide_file)
+        result = _train(cfg, uri, run_id, data_dir, guide_file)
+    return {"run_id": run_id, "tracking_uri": uri, "checkpoint": result.checkpoint.path}
+
+
+def _train(cfg: PretrainConfig, uri: str, run_id: str, data_dir: Path, guide_file: Path | None):
+    """Ray Train fit, then the final model (+ the frozen guide) logged; returns the Ray Train result."""
+    from pipeline.distributed.runtime import init_ray
+
     init_ray(cfg.num_cpus)
     coords_dir = None if guide_file is None else str(ensure_coord_maps(data_dir, guide_file))
     loop_config = {"cfg": cfg.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,
@@ -172,7 +179,7 @@ def run_pretrain(cfg: PretrainConfig, config_path: str | None = None) -> dict:
         with result.checkpoint.as_directory() as d:
             _log_final_model(uri, run_id, Path(d) / MODEL_FILE, cfg, {"anatdiff.checkpoint": result.checkpoint.path},
                              guide_file)
-    return {"run_id": run_id, "tracking_uri": uri, "checkpoint": result.checkpoint.path}
+    return result
 
 
 def _file_sha256(path: Path) -> str:
@@ -181,11 +188,11 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _learned_guide(cfg: PretrainConfig, uri: str, run_id: str) -> Path | None:
-    """The frozen guide's file for ``guidance: learned`` (kept under the run's artifacts), else None."""
+def _learned_guide(cfg: PretrainConfig, uri: str, run_id: str, cache: Path) -> Path | None:
+    """The frozen guide's file for ``guidance: learned``, downloaded under ``cache`` (the run logs it beside
+    the model), else None."""
     if cfg.model.guidance != "learned":
         return None
-    cache = Path(tempfile.mkdtemp(prefix="anatdiff-guide-"))
     guide_file, guide_run = resolve_guide(cfg.model.guide_checkpoint, uri, cache)
     tracking.set_tags(uri, run_id, {"anatdiff.guide": cfg.model.guide_checkpoint,
                                     "anatdiff.guide_run_id": guide_run or ""})
