@@ -276,3 +276,13 @@ def test_ceiling_network_gets_its_own_coordinate_input(tmp_path):
         load_pretrained(tmp_path / "model.pt", guidance="none")
     assert EvaluateConfig(data="x").ceiling_guidance == "none"
     assert load_config(EvaluateConfig, "evaluate-tiny", {"data": "x"}).ceiling_guidance == "none"
+
+
+def test_progress_line_eta_respects_the_wall_clock_budget(capsys):
+    """A ceiling capped at 180 s must not promise an ETA of 800 s (the steps it will never reach)."""
+    from pipeline.distributed.evaluate import progress_printer
+
+    progress_printer("[x]", every_s=0)(100, 1500, 0.5, 60.0)
+    progress_printer("[x]", every_s=0, limit_s=180)(100, 1500, 0.5, 60.0)
+    free, capped = capsys.readouterr().out.strip().splitlines()
+    assert free.endswith("1.7 steps/s ETA 840 s") and capped.endswith("1.7 steps/s ETA 120 s")

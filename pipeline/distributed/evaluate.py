@@ -47,22 +47,27 @@ def _fold_task(model_path: str, variant: str, cfg_json: dict, data_dirs: list[st
                                              guidance=cfg.ceiling_guidance if variant == "ceiling" else None)
     refs = {r.item_id: r for d, c in zip(data_dirs, coords_dirs)
             for r in load_volume_refs(d, require_labels=True, coords_dir=c)}
+    network = cfg.ceiling if variant == "ceiling" else cfg.finetune if cfg.protocol == "finetune" else None
     out = evaluate_backbone(backbone, pretrain_cfg, cfg, [refs[i] for i in fold["train"]],
                             [refs[i] for i in fold["test"]], [refs[i] for i in fold["val"]], device=device,
-                            variant=variant, progress=progress_printer(label))
+                            variant=variant, progress=progress_printer(label, limit_s=network and network.max_seconds))
     return out
 
 
-def progress_printer(label: str, every_s: float = 20.0):
-    """A training progress callback printing one line (step, loss, steps/s, ETA) at most every ``every_s``."""
+def progress_printer(label: str, every_s: float = 20.0, limit_s: float | None = None):
+    """A training progress callback printing one line (step, loss, steps/s, ETA) at most every ``every_s``; with
+    ``limit_s`` (a wall-clock budget) the ETA is the sooner of the last step and the limit."""
     last = [0.0]
 
     def report(step: int, total: int, loss: float, seconds: float) -> None:
         if seconds - last[0] >= every_s or step == total:
             last[0] = seconds
             rate = step / max(seconds, 1e-9)
-            print(f"      {label} step {step}/{total} loss {loss:.3f} {rate:.1f} steps/s "
-                  f"ETA {(total - step) / max(rate, 1e-9):.0f} s", flush=True)
+            eta = (total - step) / max(rate, 1e-9)
+            if limit_s:
+                eta = min(eta, max(limit_s - seconds, 0.0))
+            print(f"      {label} step {step}/{total} loss {loss:.3f} {rate:.1f} steps/s ETA {eta:.0f} s",
+                  flush=True)
     return report
 
 
