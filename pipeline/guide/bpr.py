@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.conditioning import bodybox_coords
+from pipeline.data import inputs
 from pipeline.data.inputs import PAD_HU, scale_hu
-from pipeline.data.inputs import body_bbox_zyx as mask_bbox  # (parameters below are named body_bbox_zyx)
 from pipeline.data.patches import cut_patch
 from pipeline.guide.augment import augment_crop
 from pipeline.guide.crops import _interpolate_axis
@@ -162,7 +162,7 @@ def bpr_loss(model: nn.Module, batch: dict[str, torch.Tensor], consistency_weigh
 
 def body_bbox_from_hu(volume_hu_zyx: np.ndarray, threshold_hu: float = -500.0) -> tuple[tuple[int, int], ...]:
     """Inclusive (first, last) voxel per axis of the voxels above ``threshold_hu`` (whole volume if none)."""
-    return mask_bbox(np.asarray(volume_hu_zyx) > threshold_hu)
+    return inputs.body_bbox_zyx(np.asarray(volume_hu_zyx) > threshold_hu)
 
 
 def slice_scores(model: BodyPartRegressor, volume_hu_zyx: np.ndarray, box_yx, batch: int = 64) -> np.ndarray:
