@@ -7,6 +7,8 @@ writes, with the one-hot of the label preprocess put on that grid: it also pins 
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -249,8 +251,12 @@ def test_registered_and_run_model_uris_download_the_folder(tmp_path, monkeypatch
                 ["card.md", "data/weights.bin"], model
         finally:
             assert tmp is not None and os.path.isdir(tmp)
+            shutil.rmtree(tmp)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     with pytest.raises(UserError, match="cannot fetch model 'models:/anatdiff-segmenter@nope'"):
         model_folder("models:/anatdiff-segmenter@nope", uri)
+    assert list((tmp_path / "tmp").iterdir()) == []  # a failed download leaves no temporary folder behind
 
 
 def test_submit_validates_a_predict_config_before_any_upload(tmp_path):

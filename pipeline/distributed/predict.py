@@ -37,10 +37,13 @@ def model_folder(model: str, tracking_uri: str | None) -> tuple[Path, str | None
         from pipeline import tracking
 
         tmp = tempfile.mkdtemp(prefix="anatdiff-model-")
-        folder = tracking.download_model(model, tmp, tracking_uri)
-        if not folder.is_dir():
+        try:
+            folder = tracking.download_model(model, tmp, tracking_uri)
+            if not folder.is_dir():
+                raise UserError(f"model '{model}' is a single file; point it at the folder of a saved segmenter")
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"model '{model}' is a single file; point it at the folder of a saved segmenter")
+            raise
         return folder, tmp
     if not os.path.isdir(model):
         what = "is a file, not a folder" if os.path.exists(model) else "does not exist"
