@@ -501,7 +501,8 @@ class PredictConfig(StrictModel):
         return self
 
 
-STUDY_VARIANTS = ("random_init", "restorative", "contrastive", "unguided", "guided_bodybox", "guided_learned")
+STUDY_VARIANTS = ("random_init", "restorative", "contrastive", "unguided", "guided_bodybox", "guided_learned",
+                  "guided_bpr")
 
 
 class StudyConfig(StrictModel):
@@ -511,8 +512,10 @@ class StudyConfig(StrictModel):
     seed: int = 0
     target_spacing_zyx_mm: ZYX = Field((3.0, 3.0, 3.0), description="preprocess spacing (z, y, x) mm")
     variants: tuple[Literal["random_init", "restorative", "contrastive", "unguided", "guided_bodybox",
-                            "guided_learned"], ...] = Field(
-        STUDY_VARIANTS, min_length=1, description="pretraining variants, all with the same budget")
+                            "guided_learned", "guided_bpr"], ...] = Field(
+        STUDY_VARIANTS, min_length=1, description="pretraining variants, all with the same budget (guided_learned: "
+                                                  "the 3-D coordinate guide; guided_bpr: a body-part regression "
+                                                  "guide, the guide preset with kind: bpr)")
     protocols: tuple[Literal["nonlinear", "linear", "finetune"], ...] = Field(
         ("linear", "nonlinear", "finetune"), min_length=1, description="evaluation protocols")
     train_cases: tuple[int | Literal["all"], ...] = Field(

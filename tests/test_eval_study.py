@@ -24,12 +24,16 @@ def test_study_presets_nested_configs_validate(preset):
     """Every config a study preset will build (guide, each variant's pretrain, evaluate, ceiling) validates
     before hours are spent: a wrong nested field fails here, not after the pretraining."""
     from pipeline.config import EvaluateConfig, GuideConfig, NetworkTrainConfig, PretrainConfig
-    from pipeline.distributed.study import deep_update, pretrain_overrides
+    from pipeline.config import STUDY_VARIANTS
+    from pipeline.distributed.study import deep_update, guide_overrides, pretrain_overrides
 
     cfg = load_config(StudyConfig, preset)
-    load_config(GuideConfig, cfg.guide_preset, deep_update({"data": "d"}, cfg.guide))
-    for variant in cfg.variants:
-        load_config(PretrainConfig, cfg.pretrain_preset, pretrain_overrides(cfg, variant, "d", "r", "s", "G"))
+    data = {"unlabeled": "u", "labeled": "l"}
+    for kind in ("coords", "bpr"):                               # guided_learned, guided_bpr (add with --set)
+        assert load_config(GuideConfig, cfg.guide_preset, guide_overrides(cfg, kind, data, "r", "s")).kind == kind
+    guides = {"guided_learned": "G", "guided_bpr": "B"}
+    for variant in STUDY_VARIANTS:                               # every variant a user may add with --set
+        load_config(PretrainConfig, cfg.pretrain_preset, pretrain_overrides(cfg, variant, "d", "r", "s", guides))
     ev = load_config(EvaluateConfig, cfg.evaluate_preset, deep_update({"data": "d"}, cfg.evaluate))
     NetworkTrainConfig.model_validate(deep_update(ev.finetune.model_dump(mode="json"), cfg.ceiling))
     ceiling = load_config(PretrainConfig, cfg.pretrain_preset, pretrain_overrides(cfg, "ceiling", "d", "r", "s", None))
@@ -51,16 +55,34 @@ def test_ceiling_steps_per_label_budget():
 
 
 def test_pretrain_overrides_differ_only_by_variant():
+    from pipeline.config import STUDY_VARIANTS
     from pipeline.distributed.study import pretrain_overrides
 
-    cfg = load_config(StudyConfig, "study-phantom-small")
-    over = {v: pretrain_overrides(cfg, v, "d", f"r-{v}", "s", "GUIDE") for v in cfg.variants}
+    cfg = load_config(StudyConfig, "study-phantom-small", {"variants": list(STUDY_VARIANTS)})
+    guides = {"guided_learned": "GUIDE", "guided_bpr": "BPR"}
+    over = {v: pretrain_overrides(cfg, v, "d", f"r-{v}", "s", guides) for v in cfg.variants}
     assert over["random_init"]["objective"] == "none" and over["restorative"]["objective"] == "restorative"
     assert over["unguided"]["model"]["guidance"] == "none"
     assert over["guided_bodybox"]["model"] == {"guidance": "bodybox"}
     assert over["guided_learned"]["model"] == {"guidance": "learned", "guide_checkpoint": "runs:/GUIDE"}
+    assert over["guided_bpr"]["model"] == {"guidance": "learned", "guide_checkpoint": "runs:/BPR"}
+    assert over["contrastive"]["objective"] == "contrastive"
     assert {o["optim"]["steps"] for o in over.values()} == {cfg.pretrain["optim"]["steps"]}   # one budget
     assert {o["max_seconds"] for o in over.values()} == {cfg.pretrain["max_seconds"]}
+
+
+def test_comparison_names_every_study_variant_apart():
+    """The comparison table names a variant from its pretrain run's tags; the two learned guides (3-D coordinates,
+    body-part regression) share guidance "learned" and are told apart by the guide's kind."""
+    from pipeline.evaluation.compare import variant_label
+
+    labels = [variant_label("none", "bodybox"), variant_label("restorative", "none"),
+              variant_label("contrastive", "none"), variant_label("diffusion", "none"),
+              variant_label("diffusion", "bodybox"), variant_label("diffusion", "learned", "coords"),
+              variant_label("diffusion", "learned", "bpr")]
+    assert labels[0] == "random init" and labels[-1] == "diffusion (body-part regression guide)"
+    assert len(set(labels)) == len(labels)
+    assert variant_label("diffusion", "learned") == "diffusion (learned guide)"   # runs from before the kind tag
 
 
 def _rows():
@@ -100,8 +122,10 @@ def test_study_smoke(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(StudyConfig, "study-phantom-small", {
         "workdir": str(tmp_path / "study"), "n_unlabeled": 2, "n_labeled": 4,
-        "target_spacing_zyx_mm": [8.0, 8.0, 8.0], "variants": ["random_init", "guided_bodybox"],
+        "target_spacing_zyx_mm": [8.0, 8.0, 8.0], "variants": ["random_init", "guided_bpr"],
         "protocols": ["linear", "finetune"], "train_cases": [1, "all"], "num_cpus": 2,
+        "guide": {"optim": {"steps": 2, "warmup_steps": 1}, "checkpoint_every": 2, "log_every": 1,
+                  "bpr_slice_size": 16, "consistency_views": 0},
         "pretrain": {"optim": {"steps": 2, "warmup_steps": 1}, "checkpoint_every": 2, "log_every": 1,
                      "registered_model": None, "patches": {"patch_size_zyx": [16, 16, 16]},
                      "model": {"channels": [8, 16]}},
@@ -114,7 +138,7 @@ def test_study_smoke(tmp_path):
     finally:
         ray.shutdown()
     got = {(r.variant, r.protocol, r.train_cases) for r in out["rows"]}
-    assert got == {(v, p, b) for v in ("random_init", "guided_bodybox") for p in ("linear", "finetune")
+    assert got == {(v, p, b) for v in ("random_init", "guided_bpr") for p in ("linear", "finetune")
                    for b in (1, "all")} | {("ceiling", "supervised", 1), ("ceiling", "supervised", "all")}
     assert all(0.0 <= r.mean <= 1.0 for r in out["rows"]) and all(np.isfinite(r.n_train) for r in out["rows"])
     parsed = json.loads(out["json"])
@@ -122,7 +146,10 @@ def test_study_smoke(tmp_path):
     ceiling_run = mlflow.MlflowClient(uri).get_run(out["pretrain_runs"]["ceiling"])
     assert ceiling_run.data.tags["anatdiff.guidance"] == "none"       # the ceiling's own random-init network
     md = out["compare"]["markdown"]
-    assert "| random init |" in md and "| diffusion (body-box guide) |" in md
+    assert "| random init |" in md and "| diffusion (body-part regression guide) |" in md
+    assert set(out["guide_runs"]) == {"guided_bpr"}
+    guide_run = mlflow.MlflowClient(uri).get_run(out["guide_runs"]["guided_bpr"])
+    assert guide_run.data.tags["anatdiff.guide_kind"] == "bpr"
     client = mlflow.MlflowClient(uri)
     arts = {a.path for a in client.list_artifacts(out["compare"]["run_id"], "study")}
     assert {"study/study.md", "study/study.json", "study/label_efficiency.png"} <= arts

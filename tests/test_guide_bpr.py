@@ -6,7 +6,7 @@ import torch
 
 from pipeline.guide.bpr import (BodyPartRegressor, bpr_coords, bpr_loss, body_bbox_from_hu, resample_slices,
                                 sample_slice_set, slice_consistency_loss, slice_distance_loss)
-from pipeline.guide.inference import guide_scale_mm, load_guide, predict_coords, save_guide
+from pipeline.guide.inference import guide_kind, guide_scale_mm, load_guide, predict_coords, save_guide
 from pipeline.guide.scoring import monotonic_fraction
 
 
@@ -64,6 +64,7 @@ def test_model_file_roundtrip_and_coordinate_map(tmp_path):
     path = save_guide(tmp_path / "guide.pt", model, {"step": 3})
     loaded = load_guide(tmp_path)
     assert isinstance(loaded, BodyPartRegressor) and loaded.slice_size == 16
+    assert guide_kind(path) == "bpr"                    # what pretraining tags, so comparisons name the guide
     vol = _toy_scan(12)
     box = ((1, 10), (4, 27), (4, 27))
     cmap = predict_coords(loaded, vol, body_bbox_zyx=box)

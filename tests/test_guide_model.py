@@ -7,7 +7,7 @@ import torch
 from pipeline.config import UserError
 from pipeline.data.inputs import scale_hu
 from pipeline.guide.crops import crop_positions_mm, sample_crop_pair
-from pipeline.guide.inference import load_guide, load_guide_meta, predict_coords, save_guide
+from pipeline.guide.inference import guide_kind, load_guide, load_guide_meta, predict_coords, save_guide
 from pipeline.guide.model import GUIDE_WINDOW_HU, CoordinateGuide, sample_coords
 from pipeline.guide.train import (collate_pairs, guide_loss, guide_param_groups, guide_train_step,
                                   sample_overlap_indices, sample_voxel_indices)
@@ -122,6 +122,7 @@ def test_save_load_roundtrip(tmp_path):
         model.log_axis_scale_mm.copy_(torch.tensor([6.0, 5.5, 5.0]))
     path = save_guide(tmp_path / "guide.pt", model, {"step": 7})
     loaded = load_guide(tmp_path)                                  # a folder holding guide.pt works too
+    assert guide_kind(tmp_path) == "coords"
     x = torch.rand(1, 1, 16, 16, 16)
     torch.testing.assert_close(loaded(x), model.eval()(x))
     torch.testing.assert_close(loaded.axis_scale_mm, model.axis_scale_mm)

@@ -20,6 +20,7 @@ from pipeline.diffusion.schedules import DiffusionSchedule
 from pipeline.distributed import trainer
 from pipeline.distributed.coords import ensure_coord_maps, resolve_guide
 from pipeline.distributed.runtime import job_line
+from pipeline.guide.inference import guide_kind
 from pipeline.models.weights import unwrap
 from pipeline.train.checkpoint import MODEL_FILE, load_pretrained, load_state, save_model, save_state
 from pipeline.train.step import (add_objective_inputs, batch_to_tensors, build_model, build_training_model,
@@ -195,7 +196,8 @@ def _learned_guide(cfg: PretrainConfig, uri: str, run_id: str, cache: Path) -> P
         return None
     guide_file, guide_run = resolve_guide(cfg.model.guide_checkpoint, uri, cache)
     tracking.set_tags(uri, run_id, {"anatdiff.guide": cfg.model.guide_checkpoint,
-                                    "anatdiff.guide_run_id": guide_run or ""})
+                                    "anatdiff.guide_run_id": guide_run or "",
+                                    "anatdiff.guide_kind": guide_kind(guide_file)})
     return guide_file
 
 

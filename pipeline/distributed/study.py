@@ -2,8 +2,9 @@
 supervised ceiling; one table, one label-efficiency plot, one JSON line.
 
 Variants (``StudyConfig.variants``): ``random_init`` (``objective: none``), ``restorative`` (Models Genesis),
-``contrastive`` (vox2vec), ``unguided`` (diffusion, ``guidance: none``), ``guided_bodybox`` and ``guided_learned``
-(diffusion guided by body-box coordinates, or by the learned guide trained first by ``run_guide``). All share
+``contrastive`` (vox2vec), ``unguided`` (diffusion, ``guidance: none``), ``guided_bodybox``, ``guided_learned`` and
+``guided_bpr`` (diffusion guided by body-box coordinates, by the learned 3-D coordinate guide, or by a body-part
+regression guide: each learned guide trained first by ``run_guide`` from the guide preset). All share
 the pretrain preset (same budget, batch, patches, model), the unlabelled corpus and the labelled folds. The
 ceiling is a random-init network of the same architecture with all weights trained (the finetune protocol with
 ``StudyConfig.ceiling`` settings; ``StudyConfig.ceiling_steps`` sets its steps per label budget; its coordinate
@@ -26,7 +27,11 @@ VARIANT_OVERRIDES = {"random_init": {"objective": "none"}, "restorative": {"obje
                      "contrastive": {"objective": "contrastive"},
                      "unguided": {"objective": "diffusion", "model": {"guidance": "none"}},
                      "guided_bodybox": {"objective": "diffusion", "model": {"guidance": "bodybox"}},
-                     "guided_learned": {"objective": "diffusion", "model": {"guidance": "learned"}}}
+                     "guided_learned": {"objective": "diffusion", "model": {"guidance": "learned"}},
+                     "guided_bpr": {"objective": "diffusion", "model": {"guidance": "learned"}}}
+
+#: variant -> the kind of learned guide it is pretrained with (trained by ``_guides`` before any pretraining)
+GUIDE_KINDS = {"guided_learned": "coords", "guided_bpr": "bpr"}
 
 
 def _log(msg: str, t0: float) -> None:
@@ -52,29 +57,41 @@ def _corpora(cfg: StudyConfig, work: Path) -> dict[str, str]:
     return data
 
 
-def _guide(cfg: StudyConfig, work: Path, data: dict[str, str], stamp: str) -> str | None:
+def guide_overrides(cfg: StudyConfig, kind: str, data: dict[str, str], run_name: str, storage: str) -> dict:
+    """The guide preset overrides for the learned guide of ``kind`` ("coords" or "bpr"): the study's corpora,
+    scored on the labelled phantoms, then ``cfg.guide``."""
+    return deep_update({"kind": kind, "data": data["unlabeled"], "eval_data": data["labeled"], "run_name": run_name,
+                        "storage_path": storage, "num_cpus": cfg.num_cpus, "tracking": cfg.tracking.model_dump()},
+                       cfg.guide)
+
+
+def _guides(cfg: StudyConfig, work: Path, data: dict[str, str], stamp: str, t0: float) -> dict[str, str]:
+    """Train the learned guide of every guided variant in ``cfg.variants``; {variant: guide run id}."""
     from pipeline.distributed.guide import run_guide
 
-    if "guided_learned" not in cfg.variants:
-        return None
-    gc = load_config(GuideConfig, cfg.guide_preset, deep_update({
-        "data": data["unlabeled"], "eval_data": data["labeled"], "run_name": f"study-guide-{stamp}",
-        "storage_path": str(work / "runs"), "num_cpus": cfg.num_cpus, "tracking": cfg.tracking.model_dump()},
-        cfg.guide))
-    return run_guide(gc)["run_id"]
+    runs = {}
+    for variant, kind in GUIDE_KINDS.items():
+        if variant in cfg.variants:
+            suffix = "" if kind == "coords" else f"-{kind}"
+            gc = load_config(GuideConfig, cfg.guide_preset, guide_overrides(
+                cfg, kind, data, f"study-guide{suffix}-{stamp}", str(work / "runs")))
+            runs[variant] = run_guide(gc)["run_id"]
+            _log(f"trained the {kind} guide for {variant}: run {runs[variant]}", t0)
+    return runs
 
 
 def pretrain_overrides(cfg: StudyConfig, variant: str, data_dir: str, run_name: str, storage: str,
-                       guide_run: str | None) -> dict:
-    """The pretrain preset overrides of one variant (everything else: the shared budget)."""
+                       guide_runs: dict[str, str] | None) -> dict:
+    """The pretrain preset overrides of one variant (everything else: the shared budget); ``guide_runs``
+    {variant: guide run id} for the guided variants."""
     over = deep_update({"data": data_dir, "run_name": run_name, "storage_path": storage, "seed": cfg.seed,
                         "num_cpus": cfg.num_cpus, "tracking": cfg.tracking.model_dump()}, cfg.pretrain)
     if variant == "ceiling":             # the random-init network the ceiling trains, with its coordinate input
         guidance = _evaluate_preset(cfg).ceiling_guidance
         return deep_update(over, {"objective": "none", **({"model": {"guidance": guidance}} if guidance else {})})
     over = deep_update(over, VARIANT_OVERRIDES[variant])
-    if variant == "guided_learned":
-        over = deep_update(over, {"model": {"guide_checkpoint": f"runs:/{guide_run}"}})
+    if variant in GUIDE_KINDS:
+        over = deep_update(over, {"model": {"guide_checkpoint": f"runs:/{(guide_runs or {})[variant]}"}})
     return over
 
 
@@ -108,7 +125,7 @@ def _evaluate(cfg: StudyConfig, data: str, work: Path, pretrain_run: str, protoc
                     out["run_id"], n_train)
 
 
-def _pretrain_all(cfg: StudyConfig, work: Path, data: dict[str, str], stamp: str, guide_run: str | None,
+def _pretrain_all(cfg: StudyConfig, work: Path, data: dict[str, str], stamp: str, guide_runs: dict[str, str],
                   t0: float) -> dict[str, str]:
     from pipeline.distributed.pretrain import run_pretrain
 
@@ -116,7 +133,7 @@ def _pretrain_all(cfg: StudyConfig, work: Path, data: dict[str, str], stamp: str
     variants = list(cfg.variants) + (["ceiling"] if cfg.ceiling is not None else [])
     for variant in variants:
         pt = load_config(PretrainConfig, cfg.pretrain_preset, pretrain_overrides(
-            cfg, variant, data["unlabeled"], f"study-{stamp}-{variant}", str(work / "runs"), guide_run))
+            cfg, variant, data["unlabeled"], f"study-{stamp}-{variant}", str(work / "runs"), guide_runs))
         runs[variant] = run_pretrain(pt)["run_id"]
         _log(f"pretrained {variant}: run {runs[variant]}", t0)
     return runs
@@ -127,7 +144,8 @@ def run_study(cfg: StudyConfig) -> dict:
     ceiling, compare; writes the table, plot and JSON to the comparison run.
 
     Returns ``pretrain_runs`` {variant: run id}, ``rows`` (StudyRow list), ``table`` (markdown), ``json``
-    (the one-line summary), ``compare`` (the ``run_compare`` result), ``seconds`` per stage.
+    (the one-line summary), ``guide_runs`` {guided variant: guide run id}, ``compare`` (the ``run_compare``
+    result), ``seconds`` per stage.
     """
     from pipeline import tracking
     from pipeline.evaluation.compare import run_compare
@@ -138,9 +156,9 @@ def run_study(cfg: StudyConfig) -> dict:
     data = _corpora(cfg, work)
     seconds["data"] = time.perf_counter() - t0
     _log(f"corpora ready in {work / 'data'}", t0)
-    guide_run = _guide(cfg, work, data, stamp)
+    guide_runs = _guides(cfg, work, data, stamp, t0)
     seconds["guide"] = time.perf_counter() - t0 - sum(seconds.values())
-    pretrain_runs = _pretrain_all(cfg, work, data, stamp, guide_run, t0)
+    pretrain_runs = _pretrain_all(cfg, work, data, stamp, guide_runs, t0)
     seconds["pretrain"] = time.perf_counter() - t0 - sum(seconds.values())
     jobs = [(v, p, b) for v in cfg.variants for p in cfg.protocols for b in cfg.train_cases]
     jobs += [("ceiling", "supervised", b) for b in cfg.train_cases] if cfg.ceiling is not None else []
@@ -171,5 +189,5 @@ def run_study(cfg: StudyConfig) -> dict:
     label_efficiency_png(rows, out_dir / "label_efficiency.png")
     tracking.log_artifacts(uri, compare["run_id"], out_dir, "study")
     _log(f"done; comparison run {compare['run_id']} (study table, label-efficiency plot and JSON under study/)", t0)
-    return {"pretrain_runs": pretrain_runs, "rows": rows, "table": table, "json": summary, "guide_run": guide_run,
+    return {"pretrain_runs": pretrain_runs, "rows": rows, "table": table, "json": summary, "guide_runs": guide_runs,
             "compare": compare, "seconds": seconds}

@@ -38,8 +38,8 @@ class CompareRow:
     n_folds: int = 1
 
 
-def variant_label(objective: str, guidance: str) -> str:
-    """Human name of a pretraining variant from its objective and guidance."""
+def variant_label(objective: str, guidance: str, guide_kind: str = "") -> str:
+    """Human name of a pretraining variant from its objective, guidance and (learned guidance) guide kind."""
     if objective == "none":
         return "random init"
     if objective == "restorative":
@@ -47,6 +47,8 @@ def variant_label(objective: str, guidance: str) -> str:
     if objective == "contrastive":
         return "contrastive (vox2vec)"
     if objective == "diffusion":
+        if guidance == "learned" and guide_kind == "bpr":
+            return "diffusion (body-part regression guide)"
         return {"none": "diffusion (unguided)", "bodybox": "diffusion (body-box guide)",
                 "learned": "diffusion (learned guide)"}.get(guidance, f"diffusion ({guidance})")
     return objective or "unknown"
@@ -157,7 +159,8 @@ def collect_rows(uri: str, run_ids: tuple[str, ...] | list[str], protocol: str |
             tags, params = run.data.tags, run.data.params
             pre = tags.get("anatdiff.pretrain_run_id", "")
             ptags = tracking.get_run(uri, pre).data.tags if pre else tags
-            label = variant_label(ptags.get("anatdiff.objective", ""), ptags.get("anatdiff.guidance", ""))
+            label = variant_label(ptags.get("anatdiff.objective", ""), ptags.get("anatdiff.guidance", ""),
+                                  ptags.get("anatdiff.guide_kind", ""))
             rows.append(row_from_metrics(label, tags.get("anatdiff.protocol", ""), run.info.run_id,
                                          run.data.metrics, int(params.get("n_folds", 1))))
     seen: dict[tuple[str, str], int] = {}

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 VARIANT_NAMES = {"random_init": "random init", "restorative": "restorative (Models Genesis)",
                  "contrastive": "contrastive (vox2vec)", "unguided": "diffusion, unguided",
                  "guided_bodybox": "diffusion, body-box guide", "guided_learned": "diffusion, learned guide",
+                 "guided_bpr": "diffusion, body-part regression guide",
                  "ceiling": "supervised ceiling"}
 
 

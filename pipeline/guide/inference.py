@@ -62,6 +62,11 @@ def load_guide(path: str | Path) -> CoordinateGuide | BodyPartRegressor:
     return model.eval()
 
 
+def guide_kind(path: str | Path) -> str:
+    """"coords" or "bpr": which guide ``guide.pt`` holds (read from its config, no model built)."""
+    return str(_read_guide_file(path)["config"].get("kind", "coords"))
+
+
 def load_guide_meta(path: str | Path) -> dict[str, Any]:
     """The ``meta`` dict stored by ``save_guide``."""
     return dict(_read_guide_file(path).get("meta", {}))
