@@ -156,3 +156,16 @@ def test_study_smoke(tmp_path):
     banks = list((tmp_path / "study" / "banks").glob("*/*.npz"))
     assert banks, "frozen-feature banks are cached per volume"
     print("study smoke seconds:", {k: round(v) for k, v in out["seconds"].items()})
+
+
+def test_evaluation_eta_times_frozen_and_ceiling_jobs_apart():
+    """The study's progress line: frozen-feature jobs by their mean time, the ceiling by seconds per step once
+    one ceiling job has run, and named (not guessed from the frozen jobs) before that."""
+    from pipeline.distributed.study import evaluation_eta
+
+    steps = [0, 0, 0, 500, 2400]
+    assert evaluation_eta([60.0], steps) == "evaluation ETA 2 min, then the ceiling's 2900 steps"
+    assert evaluation_eta([60.0, 60.0, 60.0], steps) == "evaluation ETA 0 min, then the ceiling's 2900 steps"
+    assert evaluation_eta([60.0, 60.0, 60.0, 300.0], steps) == "evaluation ETA 24 min"   # 0.6 s/step x 2400
+    assert evaluation_eta([60.0] * 3 + [300.0, 1440.0], steps) == "evaluation ETA 0 min"
+    assert evaluation_eta([], [500]) == "evaluation ETA unknown: the ceiling's 500 steps are next"

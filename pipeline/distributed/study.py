@@ -125,6 +125,25 @@ def _evaluate(cfg: StudyConfig, data: str, work: Path, pretrain_run: str, protoc
                     out["run_id"], n_train)
 
 
+def evaluation_eta(took: list[float], steps: list[int]) -> str:
+    """What is left of the evaluation stage, for the progress line. ``took``: seconds of the jobs done so far;
+    ``steps``: for every job, its ceiling training steps (0 for a frozen-feature evaluation). Frozen-feature
+    jobs are timed by their mean so far; ceiling jobs by seconds per step once one has run, and are named
+    rather than guessed before that (a ceiling step trains the whole network and costs far more)."""
+    done, todo = len(took), steps[len(took):]
+    frozen = [t for t, s in zip(took, steps) if s == 0]
+    ceiling_s, ceiling_steps = sum(t for t, s in zip(took, steps) if s), sum(s for s in steps[:done] if s)
+    left = sum(1 for s in todo if s == 0) * (float(np.mean(frozen)) if frozen else 0.0)
+    ceiling_left = sum(todo)
+    if ceiling_left and ceiling_steps:
+        left += ceiling_s / ceiling_steps * ceiling_left
+    elif ceiling_left:
+        if not frozen:
+            return f"evaluation ETA unknown: the ceiling's {ceiling_left} steps are next"
+        return f"evaluation ETA {left / 60:.0f} min, then the ceiling's {ceiling_left} steps"
+    return f"evaluation ETA {left / 60:.0f} min"
+
+
 def _pretrain_all(cfg: StudyConfig, work: Path, data: dict[str, str], stamp: str, guide_runs: dict[str, str],
                   t0: float) -> dict[str, str]:
     from pipeline.distributed.pretrain import run_pretrain
@@ -162,8 +181,10 @@ def run_study(cfg: StudyConfig) -> dict:
     seconds["pretrain"] = time.perf_counter() - t0 - sum(seconds.values())
     jobs = [(v, p, b) for v in cfg.variants for p in cfg.protocols for b in cfg.train_cases]
     jobs += [("ceiling", "supervised", b) for b in cfg.train_cases] if cfg.ceiling is not None else []
-    rows, t_eval = [], time.perf_counter()
+    steps = [ceiling_settings(cfg, b)["steps"] if v == "ceiling" else 0 for v, _, b in jobs]
+    rows, took = [], []
     for n, (variant, protocol, budget) in enumerate(jobs, start=1):
+        t_job = time.perf_counter()
         if variant == "ceiling":
             row = _evaluate(cfg, data["labeled"], work, pretrain_runs["ceiling"], "finetune", budget,
                             {"finetune": ceiling_settings(cfg, budget)})
@@ -172,9 +193,9 @@ def run_study(cfg: StudyConfig) -> dict:
             row = _evaluate(cfg, data["labeled"], work, pretrain_runs[variant], protocol, budget)
         row.variant = variant
         rows.append(row)
-        left = (time.perf_counter() - t_eval) / n * (len(jobs) - n)
+        took.append(time.perf_counter() - t_job)
         _log(f"[{n}/{len(jobs)}] {variant} / {protocol} / train cases {budget}: mean Dice {row.mean:.3f} "
-             f"± {row.std:.3f} (evaluation ETA {left / 60:.0f} min)", t0)
+             f"± {row.std:.3f} ({evaluation_eta(took, steps)})", t0)
     seconds["evaluate"] = time.perf_counter() - t0 - sum(seconds.values())
     full = tuple(r.run_id for r in rows if r.train_cases == "all" and r.variant != "ceiling")
     compare = run_compare(CompareConfig(run_ids=full or tuple(r.run_id for r in rows), name=f"study-{stamp}",
