@@ -1,6 +1,7 @@
 """`anatdiff study`: pretrain random-init, restorative, contrastive, unguided and guided diffusion (body box,
-learned guide) on one phantom corpus with one budget, evaluate each with the linear, nonlinear and finetune
-protocols at several label budgets (k-fold), add the supervised ceiling, and compare.
+learned 3-D guide, body-part regression guide) on one phantom corpus with one budget, evaluate each with the
+linear, nonlinear and finetune protocols at several label budgets (k-fold), add the supervised ceiling, and
+compare.
 
 `--preset phantom-small` is the CPU benchmark (within 2 hours on 2 cores, docs/evaluation.md). The last line
 printed is one JSON object: {"wall_s", "ceiling": {"mean", "std"}, "rows": [{"protocol", "variant",

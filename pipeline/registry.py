@@ -52,7 +52,8 @@ JOBS: tuple[Job, ...] = (
         "train the segmenter on every labelled case, register it in MLflow (anatdiff-segmenter)"),
     Job("compare", "compare", CompareConfig,
         "table + chart of mean Dice across pretraining runs, logged to MLflow"),
-    Job("study", "study", StudyConfig, "phantom study: 4 pretraining variants x 3 protocols, then compare"),
+    Job("study", "study", StudyConfig, "phantom study: pretraining variants x protocols x label budgets (k-fold), the supervised ceiling, "
+                                       "then compare"),
     Job("export", "export", ExportConfig, "a pretrained backbone as a plain-PyTorch folder, registered in MLflow"),
     Job("predict", "predict", PredictConfig,
         "segment new scans with a trained segmenter: label maps on the original grid"),
