@@ -23,8 +23,7 @@ def test_study_preset_is_valid_and_covers_every_variant_protocol_and_budget():
 def test_study_presets_nested_configs_validate(preset):
     """Every config a study preset will build (guide, each variant's pretrain, evaluate, ceiling) validates
     before hours are spent: a wrong nested field fails here, not after the pretraining."""
-    from pipeline.config import EvaluateConfig, GuideConfig, NetworkTrainConfig, PretrainConfig
-    from pipeline.config import STUDY_VARIANTS
+    from pipeline.config import STUDY_VARIANTS, EvaluateConfig, GuideConfig, NetworkTrainConfig, PretrainConfig
     from pipeline.distributed.study import deep_update, guide_overrides, pretrain_overrides
 
     cfg = load_config(StudyConfig, preset)
@@ -147,10 +146,10 @@ def test_study_smoke(tmp_path):
     assert ceiling_run.data.tags["anatdiff.guidance"] == "none"       # the ceiling's own random-init network
     md = out["compare"]["markdown"]
     assert "| random init |" in md and "| diffusion (body-part regression guide) |" in md
-    assert set(out["guide_runs"]) == {"guided_bpr"}
-    guide_run = mlflow.MlflowClient(uri).get_run(out["guide_runs"]["guided_bpr"])
-    assert guide_run.data.tags["anatdiff.guide_kind"] == "bpr"
     client = mlflow.MlflowClient(uri)
+    assert set(out["guide_runs"]) == {"guided_bpr"}
+    assert client.get_run(out["guide_runs"]["guided_bpr"]).data.tags["anatdiff.guide_kind"] == "bpr"
+    assert client.get_run(out["pretrain_runs"]["guided_bpr"]).data.tags["anatdiff.guide_kind"] == "bpr"
     arts = {a.path for a in client.list_artifacts(out["compare"]["run_id"], "study")}
     assert {"study/study.md", "study/study.json", "study/label_efficiency.png"} <= arts
     banks = list((tmp_path / "study" / "banks").glob("*/*.npz"))
