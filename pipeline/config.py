@@ -511,8 +511,7 @@ class StudyConfig(StrictModel):
     n_labeled: int = Field(10, ge=3, description="labelled phantoms for the downstream evaluation")
     seed: int = 0
     target_spacing_zyx_mm: ZYX = Field((3.0, 3.0, 3.0), description="preprocess spacing (z, y, x) mm")
-    variants: tuple[Literal["random_init", "restorative", "contrastive", "unguided", "guided_bodybox",
-                            "guided_learned", "guided_bpr"], ...] = Field(
+    variants: tuple[Literal[STUDY_VARIANTS], ...] = Field(
         STUDY_VARIANTS, min_length=1, description="pretraining variants, all with the same budget (guided_learned: "
                                                   "the 3-D coordinate guide; guided_bpr: a body-part regression "
                                                   "guide, the guide preset with kind: bpr)")

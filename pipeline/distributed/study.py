@@ -181,13 +181,14 @@ def run_study(cfg: StudyConfig) -> dict:
     seconds["pretrain"] = time.perf_counter() - t0 - sum(seconds.values())
     jobs = [(v, p, b) for v in cfg.variants for p in cfg.protocols for b in cfg.train_cases]
     jobs += [("ceiling", "supervised", b) for b in cfg.train_cases] if cfg.ceiling is not None else []
-    steps = [ceiling_settings(cfg, b)["steps"] if v == "ceiling" else 0 for v, _, b in jobs]
+    ceiling = {b: ceiling_settings(cfg, b) for b in cfg.train_cases} if cfg.ceiling is not None else {}
+    steps = [ceiling[b]["steps"] if v == "ceiling" else 0 for v, _, b in jobs]
     rows, took = [], []
     for n, (variant, protocol, budget) in enumerate(jobs, start=1):
         t_job = time.perf_counter()
         if variant == "ceiling":
             row = _evaluate(cfg, data["labeled"], work, pretrain_runs["ceiling"], "finetune", budget,
-                            {"finetune": ceiling_settings(cfg, budget)})
+                            {"finetune": ceiling[budget]})
             row.protocol = "supervised"
         else:
             row = _evaluate(cfg, data["labeled"], work, pretrain_runs[variant], protocol, budget)
