@@ -384,6 +384,11 @@ class EvaluateConfig(StrictModel):
                                "bce_dice: per-organ sigmoid BCE + soft Dice (vox2vec)")
     patch_size_zyx: ZYXInt | None = Field(None, description="default: the pretrain patch size")
     sw_overlap: float = Field(0.25, ge=0, lt=1, description="sliding-window overlap")
+    island_fraction: float = Field(
+        0.2, ge=0, le=1, description="post-processing of label maps before Dice: each organ's 26-connected "
+                                     "components smaller than this fraction of its largest are removed (0: none; "
+                                     "1: the largest component only; 0.2 chosen on the tuning phantoms' "
+                                     "validation cases)")
     hd95: bool = Field(False, description="also compute the 95th-percentile Hausdorff distance (mm) per organ")
     overlays: int = Field(2, ge=0, description="prediction overlay PNGs logged (test cases of the first fold)")
     bank_cache: str | None = Field(
@@ -419,6 +424,8 @@ class SegmenterConfig(StrictModel):
     val_cases: int = Field(0, ge=0, description="cases (the last by item id) kept for validation Dice")
     patch_size_zyx: ZYXInt | None = Field(None, description="default: the pretrain patch size")
     sw_overlap: float = Field(0.25, ge=0, lt=1)
+    island_fraction: float = Field(0.2, ge=0, le=1, description="post-processing the saved segmenter applies "
+                                                                "to its label maps (as evaluate's)")
     registered_model: str | None = Field("anatdiff-segmenter", description="MLflow registered model; None: skip")
     alias: str = Field("current", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$",
                        description="registry alias pointed at the new version ('latest' is reserved by MLflow)")
@@ -438,7 +445,7 @@ class SegmenterConfig(StrictModel):
     def evaluate_config(self) -> "EvaluateConfig":
         """The training settings as the ``EvaluateConfig`` the downstream functions take."""
         shared = ("protocol", "feature_timesteps", "head", "finetune", "loss", "patch_size_zyx", "sw_overlap",
-                  "seed", "tracking")
+                  "island_fraction", "seed", "tracking")
         return EvaluateConfig.model_validate({"data": self.data[0], "compare_random_init": False,
                                               **{k: getattr(self, k) for k in shared}})
 

@@ -50,6 +50,7 @@ class OracleSegmenter:
         self.spacing_zyx_mm = tuple(meta["spacing_zyx_mm"])
         self.body_threshold_hu = float(meta["body_threshold_hu"])
         self.mode = meta.get("mode", "oracle")
+        self.island_fraction = meta.get("island_fraction", 0.0)
         self.labels = dict(np.load(folder / "labels.npz"))
         self.volumes = dict(np.load(folder / "volumes.npz"))
         self.calls = 0

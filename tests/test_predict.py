@@ -208,6 +208,9 @@ def test_model_settings_are_checked_before_any_scan_is_read(tmp_path):
     Bad.label_names, Bad.spacing_zyx_mm = ORGANS, (3.0, 0.0, 3.0)
     with pytest.raises(UserError, match="spacing_zyx_mm must be 3 values"):
         check_segmenter(Bad())
+    Bad.spacing_zyx_mm, Bad.island_fraction = (3.0, 3.0, 3.0), 1.5
+    with pytest.raises(UserError, match="island_fraction must be a number in"):
+        check_segmenter(Bad())
     with pytest.raises(ValueError, match="do not sum to 1"):
         checked_probs(np.full((14, 2, 2, 2), 0.5, np.float32), (2, 2, 2))
     with pytest.raises(ValueError, match="non-finite"):
@@ -301,3 +304,29 @@ def test_real_ct_label_maps_land_on_the_real_headers(tmp_path):
     _assert_same_grid(pred, source)
     bone = (sitk.GetArrayFromImage(source) > 150) & (sitk.GetArrayFromImage(pred) > 0)
     assert bone.sum() > 0.5 * (sitk.GetArrayFromImage(pred) > 0).sum()  # the labels sit on the bones
+
+
+def test_the_segmenters_island_removal_runs_on_the_scans_own_grid(tmp_path):
+    """A segmenter with ``island_fraction`` 1 writes one component per organ: the bone-as-liver oracle marks every
+    bone of the chest CT (ribs, spine: many components) as liver."""
+    from scipy import ndimage
+
+    chest = REAL / "chest" / "radiomics_lung1_ct_4x.nrrd"
+    livers = {}
+    for fraction in (0.0, 1.0):
+        folder = tmp_path / f"model-{fraction}"
+        folder.mkdir()
+        np.savez(folder / "labels.npz")
+        np.savez(folder / "volumes.npz")
+        (folder / "oracle.json").write_text(json.dumps({"spacing_zyx_mm": [3.0, 3.0, 3.0], "body_threshold_hu":
+                                                        -500.0, "mode": "bone-as-liver", "island_fraction": fraction}))
+        out = tmp_path / f"out-{fraction}"
+        assert _predict(chest, out, folder)["counts"]["predicted"] == 1
+        pred = sitk.ReadImage(str(out / _table(out).label_path[0]))
+        _assert_same_grid(pred, sitk.ReadImage(str(chest)))
+        livers[fraction] = sitk.GetArrayFromImage(pred) == ORGAN_TO_LABEL["liver"]
+    full = ndimage.generate_binary_structure(3, 3)
+    assert ndimage.label(livers[0.0], full)[1] > 1
+    assert ndimage.label(livers[1.0], full)[1] == 1
+    assert not (livers[1.0] & ~livers[0.0]).any()
+    assert livers[1.0].sum() < livers[0.0].sum()

@@ -65,6 +65,26 @@ def test_folder_round_trip_loads_without_pickles(tmp_path):
         load_segmenter(tmp_path / "nothing")
 
 
+def test_island_removal_is_saved_and_applied_to_label_maps(tmp_path):
+    from pipeline.evaluation.postprocess import remove_islands
+
+    seg, vol = _segmenter(), _volume()
+    seg.island_fraction = 0.2
+    again = load_segmenter(save_segmenter(tmp_path / "seg", seg))
+    assert again.island_fraction == 0.2
+    probs = np.zeros((14,) + vol.shape, np.float32)
+    probs[0] = 1.0
+    probs[:, 2:6, 3:8, 2:6], probs[6, 2:6, 3:8, 2:6] = 0.0, 1.0     # the liver
+    probs[:, 9, 12, 8], probs[6, 9, 12, 8] = 0.0, 1.0                # and a liver speck far from it
+    again.predict_probs = lambda volume, mask=None: probs
+    labels = again(torch.from_numpy(vol.astype(np.float32))).numpy()
+    assert (labels == 6).sum() == 80 and labels[9, 12, 8] == 0
+    assert np.array_equal(labels, remove_islands(probs.argmax(0).astype(np.uint8), 0.2))
+    with pytest.raises(ValueError, match="island_fraction must be in"):
+        Segmenter(seg.features.backbone, seg.pretrain_cfg, seg.head, "nonlinear", 8, (0,), (8, 8, 8),
+                  (3.0, 3.0, 3.0), island_fraction=2.0)
+
+
 def test_learned_guidance_needs_its_guide():
     seg = _segmenter("learned")
     with pytest.raises(UserError, match="holds none"):

@@ -108,7 +108,8 @@ def build_segmenter(model_path: str, cfg: SegmenterConfig, out: dict, guide_file
     guide = load_guide(guide_file) if guide_file is not None else None
     return Segmenter(backbone, pretrain_cfg, head, kind, cfg.head.hidden, cfg.feature_timesteps,
                      cfg.patch_size_zyx or pretrain_cfg.patches.patch_size_zyx, out["spacing_zyx_mm"],
-                     _body_threshold(list(cfg.data)), cfg.sw_overlap, guide, cfg.seed, card)
+                     _body_threshold(list(cfg.data)), cfg.sw_overlap, guide, cfg.seed, card,
+                     cfg.island_fraction)
 
 
 def run_train_segmenter(cfg: SegmenterConfig) -> dict:

@@ -27,6 +27,7 @@ from pipeline.data.sliding import sliding_window_predict
 from pipeline.evaluation.features import BackboneFeatures, BankSpec, build_bank, pack_batch, pack_volume
 from pipeline.evaluation.heads import build_head
 from pipeline.evaluation.losses import predict_labels, segmentation_loss
+from pipeline.evaluation.postprocess import remove_islands
 from pipeline.evaluation.metrics import dice_mean, dice_per_organ
 from pipeline.evaluation.surface import hd95_per_organ
 from pipeline.train.step import warmup_cosine_lr
@@ -104,7 +105,8 @@ def train_frozen_head(features: BackboneFeatures, refs: list[VolumeRef], cfg: Ev
         if progress is not None:
             progress(step + 1, hc.steps, result.losses[-1], time.perf_counter() - t0)
         if val_refs and _check_due(step, hc.steps, hc.val_every, False):
-            score = validation_dice(features, head, val_refs, patch_size_zyx, window_hu, cfg.sw_overlap, cfg.seed)
+            score = validation_dice(features, head, val_refs, patch_size_zyx, window_hu, cfg.sw_overlap, cfg.seed,
+                                    cfg.island_fraction)
             result.val_dice.append((step + 1, score))
             best.offer(step + 1, score)
     best.restore()
@@ -156,7 +158,8 @@ def train_network(features: BackboneFeatures, refs: list[VolumeRef], cfg: Evalua
         if progress is not None:
             progress(step + 1, tc.steps, result.losses[-1], elapsed)
         if val_refs and _check_due(step, tc.steps, tc.val_every, stop):
-            score = validation_dice(features, head, val_refs, patch_size_zyx, window_hu, cfg.sw_overlap, cfg.seed)
+            score = validation_dice(features, head, val_refs, patch_size_zyx, window_hu, cfg.sw_overlap, cfg.seed,
+                                    cfg.island_fraction)
             result.val_dice.append((step + 1, score))
             best.offer(step + 1, score)
         if stop:
@@ -169,10 +172,12 @@ def train_network(features: BackboneFeatures, refs: list[VolumeRef], cfg: Evalua
 
 
 def validation_dice(features: BackboneFeatures, head: nn.Module, refs: list[VolumeRef], window_zyx, window_hu,
-                    overlap: float, seed: int) -> float:
-    """Mean over ``refs`` of each volume's mean Dice over organs (whole-volume sliding-window prediction)."""
+                    overlap: float, seed: int, island_fraction: float = 0.0) -> float:
+    """Mean over ``refs`` of each volume's mean Dice over organs (whole-volume sliding-window prediction,
+    then ``remove_islands``, as the test cases)."""
     head.eval()
-    values = [dice_mean(dice_per_organ(predict_volume(features, head, r, window_zyx, window_hu, overlap, seed),
+    values = [dice_mean(dice_per_organ(predict_volume(features, head, r, window_zyx, window_hu, overlap, seed,
+                                                      island_fraction),
                                        np.asarray(r.label()))) for r in refs]
     head.train()
     return float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
@@ -180,8 +185,10 @@ def validation_dice(features: BackboneFeatures, head: nn.Module, refs: list[Volu
 
 @torch.no_grad()
 def predict_volume(features: BackboneFeatures, head: nn.Module, ref: VolumeRef, window_zyx, window_hu,
-                   overlap: float, seed: int) -> np.ndarray:
-    """Label map (D, H, W) uint8 of a whole volume by sliding windows; outside the body is background."""
+                   overlap: float, seed: int, island_fraction: float = 0.0) -> np.ndarray:
+    """Label map (D, H, W) uint8 of a whole volume by sliding windows; outside the body is background; then
+    each organ's islands below ``island_fraction`` of its largest component removed
+    (``pipeline.evaluation.postprocess``; 0: none)."""
     device = next(head.parameters()).device
     packed = pack_volume(ref, window_hu, seed).to(device)
 
@@ -193,7 +200,7 @@ def predict_volume(features: BackboneFeatures, head: nn.Module, ref: VolumeRef, 
     mask = ref.mask()
     if mask is not None:
         pred = np.where(np.asarray(mask) > 0, pred, 0).astype(np.uint8)
-    return pred
+    return remove_islands(pred, island_fraction)
 
 
 VARIANTS = ("pretrained", "random_init", "ceiling")
@@ -245,7 +252,7 @@ def evaluate_backbone(backbone: nn.Module, pretrain_cfg: PretrainConfig, cfg: Ev
     per_case, preds, hd95 = {}, {}, {}
     for ref in test_refs:
         pred = predict_volume(features, result.head, ref, patch, pretrain_cfg.patches.window_hu,
-                              cfg.sw_overlap, cfg.seed)
+                              cfg.sw_overlap, cfg.seed, cfg.island_fraction)
         label = np.asarray(ref.label())
         per_case[ref.item_id] = dice_per_organ(pred, label)
         preds[ref.item_id] = pred

@@ -2,7 +2,7 @@
 
 ``Segmenter`` works on the preprocessing grid (canonical LPS, resampled to ``spacing_zyx_mm``, int16 HU, the
 body-box crop of ``anatdiff preprocess``): ``predict_probs`` gives (14, Z, Y, X) class probabilities
-(channel 0 = background), ``forward`` the uint8 label map. ``anatdiff predict`` brings them back onto a
+(channel 0 = background), ``forward`` the uint8 label map (post-processed as the segmenter says). ``anatdiff predict`` brings them back onto a
 scan's original grid (pipeline/predict).
 
 Folder format (``save_segmenter`` / ``load_segmenter``), loadable without unpickling code:
@@ -24,6 +24,7 @@ from pipeline.config import PretrainConfig, UserError
 from pipeline.data.inputs import PAD_HU, body_bbox_zyx, scale_hu
 from pipeline.evaluation.features import BackboneFeatures
 from pipeline.evaluation.heads import build_head
+from pipeline.evaluation.postprocess import remove_islands
 from pipeline.data.sliding import sliding_window_predict
 from pipeline.data.conditioning import bodybox_coords
 from pipeline.labels import ORGANS
@@ -37,12 +38,15 @@ class Segmenter(nn.Module):
 
     spacing_zyx_mm, body_threshold_hu: the preprocessing grid and body-mask rule of the training data.
     guide: the coordinate guide for ``guidance: learned`` backbones (else None: body-box coordinates).
+    island_fraction: label maps lose each organ's islands below this fraction of its largest component
+    (``pipeline.evaluation.postprocess``; ``forward`` and ``anatdiff predict`` apply it; 0: none, as folders
+    saved before it existed load).
     """
 
     def __init__(self, backbone: nn.Module, pretrain_cfg: PretrainConfig, head: nn.Module, head_kind: str,
                  head_hidden: int, timesteps: tuple[int, ...], patch_size_zyx, spacing_zyx_mm,
                  body_threshold_hu: float = -500.0, overlap: float = 0.25, guide: nn.Module | None = None,
-                 seed: int = 0, card: dict[str, Any] | None = None):
+                 seed: int = 0, card: dict[str, Any] | None = None, island_fraction: float = 0.0):
         super().__init__()
         self.features = BackboneFeatures(backbone, pretrain_cfg, timesteps, trainable=False)
         self.head = head.eval()
@@ -54,6 +58,9 @@ class Segmenter(nn.Module):
         self.body_threshold_hu, self.overlap, self.seed = float(body_threshold_hu), float(overlap), int(seed)
         self.label_names = ORGANS
         self.card = dict(card or {})
+        if not 0.0 <= island_fraction <= 1.0:
+            raise ValueError(f"island_fraction must be in [0, 1], got {island_fraction}")
+        self.island_fraction = float(island_fraction)
 
     @property
     def window_hu(self) -> tuple[float, float]:
@@ -101,7 +108,8 @@ class Segmenter(nn.Module):
     def forward(self, volume_hu: torch.Tensor) -> torch.Tensor:
         """(Z, Y, X) or (1, 1, Z, Y, X) HU tensor on the model grid -> (Z, Y, X) uint8 BTCV label map."""
         volume = volume_hu.detach().cpu().numpy().reshape(volume_hu.shape[-3:])
-        return torch.from_numpy(self.predict_probs(volume).argmax(0).astype(np.uint8))
+        labels = self.predict_probs(volume).argmax(0).astype(np.uint8)
+        return torch.from_numpy(remove_islands(labels, self.island_fraction))
 
 
 def _config(seg: Segmenter) -> dict[str, Any]:
@@ -110,6 +118,7 @@ def _config(seg: Segmenter) -> dict[str, Any]:
             "patch_size_zyx": list(seg.patch_size_zyx), "spacing_zyx_mm": list(seg.spacing_zyx_mm),
             "orientation": "LPS (canonical), arrays (z, y, x)", "window_hu": list(seg.window_hu),
             "body_threshold_hu": seg.body_threshold_hu, "overlap": seg.overlap, "seed": seg.seed,
+            "island_fraction": seg.island_fraction,
             "label_names": list(seg.label_names), "guide_config": seg.guide.config() if seg.guide else None,
             "card": seg.card}
 
@@ -181,4 +190,5 @@ def load_segmenter(folder: str | Path) -> Segmenter:
         guide.load_state_dict(weights["guide"])
     return Segmenter(backbone, pretrain_cfg, head, config["head_kind"], config["head_hidden"],
                      tuple(config["timesteps"]), config["patch_size_zyx"], config["spacing_zyx_mm"],
-                     config["body_threshold_hu"], config["overlap"], guide, config["seed"], config.get("card"))
+                     config["body_threshold_hu"], config["overlap"], guide, config["seed"], config.get("card"),
+                     config.get("island_fraction", 0.0))

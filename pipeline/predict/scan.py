@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.evaluation.postprocess import remove_islands
 from pipeline.ingest.geometry import Grid
 from pipeline.ingest.preprocess import (dicom_fields, label_on_grid, one_line, read_checked, read_series,
                                         split_dicom_folder)
@@ -84,7 +85,8 @@ def _predict(item: Item, segmenter: Segmenter, out_dir: Path, row: dict, options
     image = _read(item, series, options.max_voxels)
     inputs = model_input(image, segmenter.spacing_zyx_mm, segmenter.body_threshold_hu)
     probs = checked_probs(segmenter.predict_probs(inputs.volume_hu, inputs.mask), inputs.volume_hu.shape)
-    labels = labels_on_reference(probs, inputs.grid, image)
+    labels = remove_islands(labels_on_reference(probs, inputs.grid, image),
+                            float(getattr(segmenter, "island_fraction", 0.0)))
     del probs, inputs
     label = label_image(labels, image)
     row.update(size_xyz=list(image.GetSize()), spacing_xyz_mm=[float(s) for s in image.GetSpacing()],

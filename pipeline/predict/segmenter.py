@@ -27,7 +27,9 @@ class Segmenter(Protocol):
 
     ``spacing_zyx_mm``: the grid the model works on (canonical LPS, z y x, mm). ``body_threshold_hu``: the body
     mask rule used in training (preprocess's ``body_threshold_hu``). ``label_names``: the 13 BTCV organ names,
-    label k + 1 = ``label_names[k]``.
+    label k + 1 = ``label_names[k]``. Optional ``island_fraction`` (default 0: none): each
+    organ's islands below that fraction of its largest component are removed from the label map on the scan's
+    own grid (``pipeline.evaluation.postprocess.remove_islands``).
     """
 
     spacing_zyx_mm: tuple[float, float, float]
@@ -65,6 +67,9 @@ def check_segmenter(segmenter: Segmenter) -> None:
     names = tuple(getattr(segmenter, "label_names", ()) or ())
     if names != ORGANS:
         raise UserError(f"the segmenter's label_names must be the 13 BTCV organs in order {ORGANS}, got {names}")
+    fraction = getattr(segmenter, "island_fraction", 0.0)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise UserError(f"the segmenter's island_fraction must be a number in [0, 1], got {fraction!r}")
 
 
 def checked_probs(probs, shape_zyx: tuple[int, int, int]) -> np.ndarray:
