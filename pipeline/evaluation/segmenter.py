@@ -2,8 +2,8 @@
 
 ``Segmenter`` works on the preprocessing grid (canonical LPS, resampled to ``spacing_zyx_mm``, int16 HU, the
 body-box crop of ``anatdiff preprocess``): ``predict_probs`` gives (14, Z, Y, X) class probabilities
-(channel 0 = background), ``forward`` the uint8 label map (post-processed as the segmenter says). ``anatdiff predict`` brings them back onto a
-scan's original grid (pipeline/predict).
+(channel 0 = background), ``forward`` the uint8 label map (each organ's islands removed as ``island_fraction``
+says). ``anatdiff predict`` brings them back onto a scan's original grid (pipeline/predict).
 
 Folder format (``save_segmenter`` / ``load_segmenter``), loadable without unpickling code:
 ``segmenter.json`` (format, conventions, the pretrain config, head settings, label names, model card) and
@@ -134,7 +134,9 @@ def model_card(seg: Segmenter) -> str:
              "and writes label maps on the scan's own grid.",
              f"- Backbone: {seg.pretrain_cfg.objective} pretraining, guidance {seg.pretrain_cfg.model.guidance}, "
              f"channels {list(seg.pretrain_cfg.model.channels)}; head: {seg.head_kind}; features at t = "
-             f"{list(seg.timesteps)}; window {list(seg.window_hu)} HU; patches {list(seg.patch_size_zyx)}."]
+             f"{list(seg.timesteps)}; window {list(seg.window_hu)} HU; patches {list(seg.patch_size_zyx)}.",
+             f"- Post-processing: each organ's 26-connected components below {seg.island_fraction:g} of its largest "
+             "are removed (0: none)."]
     for key in ("training_data", "protocol", "metrics", "pretrain_run_id", "notes"):
         if key in card:
             lines.append(f"- {key.replace('_', ' ').capitalize()}: {card[key]}")
