@@ -31,9 +31,9 @@ def remove_islands(labels_zyx: np.ndarray, min_fraction: float) -> np.ndarray:
     if min_fraction == 0.0:
         return labels_zyx
     out = labels.copy()
-    if not labels.size or labels.max() <= 0:
-        return out
-    for k, box in enumerate(ndimage.find_objects(np.clip(labels, 0, None)), start=1):
+    # find_objects wants labels >= 0; label maps are uint8, so a clipped copy is only made for signed input
+    positive = labels if np.issubdtype(labels.dtype, np.unsignedinteger) else np.clip(labels, 0, None)
+    for k, box in enumerate(ndimage.find_objects(positive), start=1):
         if box is None:
             continue
         organ = labels[box] == k
