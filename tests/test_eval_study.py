@@ -168,3 +168,13 @@ def test_evaluation_eta_times_frozen_and_ceiling_jobs_apart():
     assert evaluation_eta([60.0, 60.0, 60.0, 300.0], steps) == "evaluation ETA 24 min"   # 0.6 s/step x 2400
     assert evaluation_eta([60.0] * 3 + [300.0, 1440.0], steps) == "evaluation ETA 0 min"
     assert evaluation_eta([], [500]) == "evaluation ETA unknown: the ceiling's 500 steps are next"
+
+
+def test_progress_lines_name_the_study_variant_not_pretrained():
+    """Every study row runs as the evaluate job's "pretrained" backbone; its fold lines carry the variant's name."""
+    from pipeline.distributed.evaluate import fold_label
+    from pipeline.evaluation.study_report import VARIANT_NAMES
+
+    assert fold_label(0, 3, "pretrained") == "[fold 1/3 pretrained]"
+    assert fold_label(2, 3, "pretrained", VARIANT_NAMES["ceiling"]) == "[fold 3/3 supervised ceiling]"
+    assert fold_label(1, 3, "random_init", VARIANT_NAMES["guided_learned"]) == "[fold 2/3 random init]"

@@ -32,6 +32,13 @@ VARIANT_PREFIX = {"pretrained": "", "random_init": "random_init_", "ceiling": "c
 VARIANT_LABEL = {"pretrained": "pretrained", "random_init": "random init", "ceiling": "supervised ceiling"}
 
 
+def fold_label(k: int, n_folds: int, variant: str, backbone_name: str | None = None) -> str:
+    """Progress-line prefix of fold ``k`` (0-based) of ``variant``; ``backbone_name`` names the checkpoint's
+    own row ("pretrained" by default)."""
+    name = backbone_name if variant == "pretrained" and backbone_name else VARIANT_LABEL[variant]
+    return f"[fold {k + 1}/{n_folds} {name}]"
+
+
 def _fold_task(model_path: str, variant: str, cfg_json: dict, data_dirs: list[str], fold: dict[str, list[str]],
                coords_dirs: list[str | None], label: str = "") -> dict:
     """Runs in a Ray task: everything it needs is passed by value or path."""
@@ -253,8 +260,9 @@ def _start_parent(cfg: EvaluateConfig, uri: str, model_path: str, pretrain_run: 
     return run_id
 
 
-def run_evaluate(cfg: EvaluateConfig) -> dict:
-    """Driver of the evaluate job.
+def run_evaluate(cfg: EvaluateConfig, backbone_name: str | None = None) -> dict:
+    """Driver of the evaluate job. ``backbone_name``: what progress lines call the checkpoint's row (default
+    "pretrained"; the study names its variant, e.g. "supervised ceiling").
 
     Returns ``run_id``, ``tracking_uri``, ``table`` (markdown), ``dice_mean`` {variant: mean across folds},
     ``dice_mean_std``, ``per_organ`` {variant: (13,) mean across folds}, ``folds`` (the splits),
@@ -281,7 +289,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                 (["ceiling"] if cfg.ceiling is not None else [])
             cfg_json = cfg.model_dump(mode="json")
             futures = {(k, name): task.remote(model_path, name, cfg_json, data_dirs, fold, coords_dirs,
-                                              f"[fold {k + 1}/{len(folds)} {VARIANT_LABEL[name]}]")
+                                              fold_label(k, len(folds), name, backbone_name))
                        for k, fold in enumerate(folds) for name in variants}
             results = {key: ray.get(f) for key, f in futures.items()}
             if len(folds) > 1:

@@ -109,17 +109,17 @@ def ceiling_settings(cfg: StudyConfig, budget) -> dict:
     return settings
 
 
-def _evaluate(cfg: StudyConfig, data: str, work: Path, pretrain_run: str, protocol: str, budget,
+def _evaluate(cfg: StudyConfig, data: str, work: Path, variant: str, pretrain_run: str, protocol: str, budget,
               extra: dict | None = None):
     from pipeline.distributed.evaluate import run_evaluate
-    from pipeline.evaluation.study_report import StudyRow
+    from pipeline.evaluation.study_report import VARIANT_NAMES, StudyRow
 
     over = deep_update({"data": data, "pretrain_run_id": pretrain_run, "protocol": protocol,
                         "train_cases": None if budget == "all" else budget, "compare_random_init": False,
                         "ceiling": None, "bank_cache": str(work / "banks"), "num_cpus": cfg.num_cpus,
                         "tracking": cfg.tracking.model_dump()}, cfg.evaluate)
     ev = load_config(EvaluateConfig, cfg.evaluate_preset, deep_update(over, extra or {}))
-    out = run_evaluate(ev)
+    out = run_evaluate(ev, backbone_name=VARIANT_NAMES[variant])
     n_train = float(np.mean([len(f["train"]) for f in out["folds"]]))
     return StudyRow(protocol, "", budget, out["dice_mean"]["pretrained"], out["dice_mean_std"]["pretrained"],
                     out["run_id"], n_train)
@@ -187,11 +187,11 @@ def run_study(cfg: StudyConfig) -> dict:
     for n, (variant, protocol, budget) in enumerate(jobs, start=1):
         t_job = time.perf_counter()
         if variant == "ceiling":
-            row = _evaluate(cfg, data["labeled"], work, pretrain_runs["ceiling"], "finetune", budget,
+            row = _evaluate(cfg, data["labeled"], work, variant, pretrain_runs["ceiling"], "finetune", budget,
                             {"finetune": ceiling[budget]})
             row.protocol = "supervised"
         else:
-            row = _evaluate(cfg, data["labeled"], work, pretrain_runs[variant], protocol, budget)
+            row = _evaluate(cfg, data["labeled"], work, variant, pretrain_runs[variant], protocol, budget)
         row.variant = variant
         rows.append(row)
         took.append(time.perf_counter() - t_job)
