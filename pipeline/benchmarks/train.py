@@ -4,6 +4,8 @@ Figures (last line JSON): ``ray_train_overhead`` = plain steps/s over Ray steps/
 CPU thread each, steady state: the first log window is dropped); ``data_wait_fraction`` = share of step time
 rank 0 spends waiting for its patches (and the objective's inputs: the Models Genesis corruption for
 ``restorative``, the second view for ``contrastive``) with 2 workers. Ray start-up time is reported separately.
+``channels_last_speedup``: the plain loop with ``build_denoiser``'s channels_last weights over the same loop with
+contiguous weights.
 ``objective`` picks the pretraining objective (default ``diffusion``).
 """
 
@@ -32,8 +34,10 @@ def _corpus(work: Path, n: int) -> Path:
     return work / "data"
 
 
-def plain_steps_per_s(cfg: PretrainConfig, data: Path, steps: int, warmup: int = 5) -> float:
-    """The same step, model and patch stream in one process with one thread (what one Ray worker gets)."""
+def plain_steps_per_s(cfg: PretrainConfig, data: Path, steps: int, warmup: int = 5,
+                      contiguous: bool = False) -> float:
+    """The same step, model and patch stream in one process with one thread (what one Ray worker gets).
+    ``contiguous``: the model's weights in the contiguous layout instead of ``build_denoiser``'s channels_last."""
     from pipeline.data.patches import PatchStream, load_volume_refs
     from pipeline.diffusion.schedules import DiffusionSchedule
     from pipeline.train.step import (add_objective_inputs, batch_to_tensors, build_training_model, ema_update,
@@ -44,6 +48,8 @@ def plain_steps_per_s(cfg: PretrainConfig, data: Path, steps: int, warmup: int =
     try:
         torch.manual_seed(0)
         model = build_training_model(cfg)
+        if contiguous:
+            model = model.to(memory_format=torch.contiguous_format)
         ema = make_ema(model)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
         schedule = DiffusionSchedule.from_config(cfg.diffusion)
@@ -94,12 +100,15 @@ def run(workdir: str | None = None, quick: bool = False, objective: str = "diffu
             two = _ray_figures(base.model_copy(update={"run_name": "bench-2w", "scaling": base.scaling.model_copy(
                 update={"num_workers": 2})}))
         plain_after = plain_steps_per_s(base, data, steps)  # bracket the Ray runs: load drifts on shared hosts
+        plain_contiguous = plain_steps_per_s(base, data, steps, contiguous=True)
     plain = (plain + plain_after) / 2
     return {
         "ray_train_overhead": plain / one["steps_per_s"] - 1.0,
         "data_wait_fraction": two["data_wait_fraction"],
         "plain_steps_per_s": plain,
         "plain_steps_per_s_before_after": [2 * plain - plain_after, plain_after],
+        "channels_last_speedup": plain_after / plain_contiguous,   # the two runs next to each other
+        "plain_contiguous_steps_per_s": plain_contiguous,
         "ray_1worker_steps_per_s": one["steps_per_s"],
         "ray_2workers_steps_per_s": two["steps_per_s"],
         "ray_2workers_samples_per_s": two["steps_per_s"] * base.optim.batch_size * 2,

