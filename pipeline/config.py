@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
 
 class UserError(Exception):
@@ -267,6 +267,9 @@ class GuideConfig(StrictModel):
     frame: Literal["axes", "rigid"] = Field("axes", description="axes: per-axis displacements; rigid: APE")
     bpr_slices: int = Field(8, ge=3, description="bpr: axial slices drawn per scan and step")
     bpr_slice_size: int = Field(64, ge=16, description="bpr: slices are resampled to this many pixels a side")
+    bpr_min_view_fraction: float = Field(
+        1.0, gt=0, le=1, description="bpr: half the training slices' in-plane crops show only a part of the body, "
+                                     "down to this share per axis (fields of view that cut the body); 1: off")
     optim: OptimConfig = OptimConfig(steps=600, batch_size=2, lr=3e-3, warmup_steps=20)
     scaling: ScalingConfig = ScalingConfig()
     checkpoint_every: int = Field(200, ge=1)
@@ -331,6 +334,30 @@ class FrozenHeadConfig(StrictModel):
     val_every: int = Field(500, ge=0, description="steps between validation Dice checks (0: at the end only)")
 
 
+class AugmentConfig(StrictModel):
+    """Random transforms of training patches (``pipeline/data/augment.py``): per-axis zoom and a rotation about
+    the cranio-caudal axis (image, coordinates, label and mask together), then contrast, brightness and noise
+    of the image. Ranges in the window's [0, 1] units (x 2,000 HU for the [-1000, 1000] window)."""
+
+    p_spatial: float = Field(0.5, ge=0, le=1, description="share of patches zoomed and rotated")
+    scale: tuple[PositiveFloat, PositiveFloat] = Field(
+        (0.85, 1.15), description="per-axis zoom range (above 1: the patch sees more anatomy)")
+    rotate_deg: float = Field(15.0, ge=0, le=45, description="rotation about z up to this many degrees either way")
+    p_intensity: float = Field(0.5, ge=0, le=1, description="share of patches with contrast, brightness, noise")
+    contrast: tuple[PositiveFloat, PositiveFloat] = Field(
+        (0.85, 1.15), description="contrast factor range around the patch mean")
+    shift: float = Field(0.025, ge=0, le=0.5, description="brightness shift up to this either way")
+    noise_std: float = Field(0.015, ge=0, le=0.5, description="Gaussian noise std drawn in [0, noise_std]")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AugmentConfig":
+        for name in ("scale", "contrast"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"{name} must be (low, high) with low <= high, got {getattr(self, name)}")
+        return self
+
+
 class NetworkTrainConfig(StrictModel):
     """Training of a whole network on patches: the finetune protocol, and the supervised ceiling (the same
     architecture from random initialization)."""
@@ -348,6 +375,8 @@ class NetworkTrainConfig(StrictModel):
     val_every: int = Field(250, ge=0, description="steps between validation Dice checks (0: at the end only)")
     max_seconds: float | None = Field(
         None, gt=0, description="wall-clock limit of one training: stop there and keep the best checkpoint")
+    augment: AugmentConfig | None = Field(
+        None, description="random zoom, rotation, contrast and noise of the training patches (None: off)")
 
 
 class EvaluateConfig(StrictModel):

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.config import EvaluateConfig, NetworkTrainConfig, PretrainConfig
+from pipeline.data.augment import augment_batch, context_size
 from pipeline.data.patches import PatchStream, VolumeRef
 from pipeline.data.sliding import sliding_window_predict
 from pipeline.evaluation.features import BackboneFeatures, BankSpec, build_bank, pack_batch, pack_volume
@@ -136,8 +137,12 @@ def train_network(features: BackboneFeatures, refs: list[VolumeRef], cfg: Evalua
     device = next(features.backbone.parameters()).device
     head = build_head(tc.head, features.feature_channels, hidden=cfg.head.hidden,
                       feature_strides=features.feature_strides).to(device)
-    stream = PatchStream(refs, patch_size_zyx, window_hu, seed=cfg.seed + 1, foreground_prob=tc.foreground_prob,
-                         jitter=tc.jitter)
+    cut, jitter = tuple(patch_size_zyx), tc.jitter
+    if tc.augment is not None:  # cut larger patches, resample each to the patch size (same jitter in voxels)
+        cut = context_size(patch_size_zyx, tc.augment)
+        jitter = tc.jitter * min(p / c for p, c in zip(patch_size_zyx, cut))
+    stream = PatchStream(refs, cut, window_hu, seed=cfg.seed + 1, foreground_prob=tc.foreground_prob,
+                         jitter=jitter)
     optimizer = network_optimizer(features, head, tc)
     generator = torch.Generator().manual_seed(cfg.seed)
     result = HeadResult(head=head, losses=[])
@@ -145,6 +150,8 @@ def train_network(features: BackboneFeatures, refs: list[VolumeRef], cfg: Evalua
     for step in range(tc.steps):
         _set_lr(optimizer, warmup_cosine_lr(step, tc.steps, tc.warmup_steps, tc.lr))
         batch = stream.batch(step, tc.batch_size)
+        if tc.augment is not None:
+            batch = augment_batch(batch, patch_size_zyx, tc.augment, np.random.default_rng([cfg.seed, 17, step]))
         packed = pack_batch(batch, generator).to(device)
         logits = head(features(packed), packed.shape[2:])
         loss = segmentation_loss(cfg.loss, logits, torch.from_numpy(batch["label"]).to(device),
