@@ -94,3 +94,23 @@ def test_short_training_makes_scores_rise_with_height():
     assert set(info) == {"loss", "distance_loss", "consistency_loss", "axis_scale_z_mm"}
     scores = predict_coords(model, vol, body_bbox_zyx=box)[0, :, 16, 16]
     assert monotonic_fraction(scores) > 0.8
+
+
+def test_partial_views_narrow_the_training_crops_to_parts_of_the_body():
+    """``min_view_fraction`` < 1: half the crops per axis show only a part of the body (fields of view that cut
+    it), so a slice's score learns not to depend on how much of the body is in view; 1 keeps the old crops."""
+    from pipeline.guide.bpr import _jittered_box
+
+    box = ((0.0, 100.0), (0.0, 100.0))
+    widths = lambda f: np.array([[hi - lo for lo, hi in _jittered_box(box, rng, min_view_fraction=f)]  # noqa: E731
+                                 for _ in range(400)])
+    rng = np.random.default_rng(0)
+    full = widths(1.0)
+    rng = np.random.default_rng(0)
+    part = widths(0.4)
+    assert full.min() >= 70 - 1e-9 and full.max() <= 110 + 1e-9                # the old jitter: 0.7-1.1 x
+    assert part.min() < 0.5 * 70 and (part < 70).mean() > 0.3                   # parts of the body
+    assert part.max() <= 110 + 1e-9
+    with pytest.raises(ValueError, match="bpr_min_view_fraction"):
+        from pipeline.config import GuideConfig
+        GuideConfig(data="x", bpr_min_view_fraction=0)

@@ -50,7 +50,7 @@ def pair_batch(refs, prob, cfg: GuideConfig, rank: int, step: int) -> tuple[dict
         ref = refs[i]
         if cfg.kind == "bpr":
             samples.append(sample_slice_set(ref.image(), ref.spacing_zyx_mm, ref.body_bbox_zyx(), cfg.bpr_slices,
-                                            cfg.bpr_slice_size, rng, augment))
+                                            cfg.bpr_slice_size, rng, augment, cfg.bpr_min_view_fraction))
             continue
         samples.append(sample_crop_pair(ref.image(), ref.spacing_zyx_mm, cfg.crop_size_zyx, rng,
                                         spacing_range_mm=cfg.spacing_range_mm, mask_zyx=ref.mask(),

@@ -92,10 +92,18 @@ def resample_slices(volume_hu_zyx: np.ndarray, slice_index: np.ndarray, box_yx, 
     return np.stack(out).astype(np.float32)
 
 
-def _jittered_box(box_yx, rng: np.random.Generator, keep=(0.7, 1.1)) -> tuple[tuple[float, float], ...]:
-    """A random in-plane box around the body box: each side scaled by ``keep`` and moved by up to 10 %."""
+def _jittered_box(box_yx, rng: np.random.Generator, keep=(0.7, 1.1),
+                  min_view_fraction: float = 1.0) -> tuple[tuple[float, float], ...]:
+    """A random in-plane box around the body box: each side scaled by ``keep`` and moved by up to 10 %.
+    With ``min_view_fraction`` < 1, half the time per axis the box is first narrowed to a random part of the body
+    (a share in [min_view_fraction, 1] at a random place): what a scan whose field of view cuts the body shows
+    (the box of its body voxels, as inference finds it)."""
     out = []
     for lo, hi in box_yx:
+        if min_view_fraction < 1.0 and rng.random() < 0.5:
+            share, extent = rng.uniform(min_view_fraction, 1.0), hi - lo
+            lo = lo + rng.uniform(0.0, 1.0 - share) * extent
+            hi = lo + share * extent
         centre, half = (lo + hi) / 2, max(hi - lo, 1) / 2
         centre += rng.uniform(-0.1, 0.1) * 2 * half
         half *= rng.uniform(*keep)
@@ -104,9 +112,11 @@ def _jittered_box(box_yx, rng: np.random.Generator, keep=(0.7, 1.1)) -> tuple[tu
 
 
 def sample_slice_set(volume_hu_zyx: np.ndarray, spacing_zyx_mm, body_bbox_zyx, n_slices: int, size: int,
-                     rng: np.random.Generator, augment_params: dict | None = None) -> dict[str, np.ndarray]:
+                     rng: np.random.Generator, augment_params: dict | None = None,
+                     min_view_fraction: float = 1.0) -> dict[str, np.ndarray]:
     """Training sample of one scan: ``n_slices`` distinct axial slices at random heights of the body box, each
-    seen twice with different in-plane crops and intensity augmentation.
+    seen twice with different in-plane crops (``_jittered_box``, partial views down to ``min_view_fraction`` of
+    the body per axis) and intensity augmentation.
 
     Returns ``image`` (2, n, 1, S, S) float32 in [0, 1] and ``z_mm`` (n,) float64 (slice height in the
     volume frame, k * spacing_z).
@@ -116,7 +126,8 @@ def sample_slice_set(volume_hu_zyx: np.ndarray, spacing_zyx_mm, body_bbox_zyx, n
     k = np.sort(rng.choice(np.arange(z0, z1 + 1), size=n_slices, replace=n_avail < n_slices))
     views = []
     for _ in range(2):
-        hu = resample_slices(volume_hu_zyx, k, _jittered_box(((y0, y1), (x0, x1)), rng), size)
+        box = _jittered_box(((y0, y1), (x0, x1)), rng, min_view_fraction=min_view_fraction)
+        hu = resample_slices(volume_hu_zyx, k, box, size)
         image = scale_hu(hu, GUIDE_WINDOW_HU)
         views.append(np.stack([augment_crop(s, rng, **(augment_params or {})) for s in image])[:, None])
     return {"image": np.stack(views), "z_mm": k * float(spacing_zyx_mm[0])}
