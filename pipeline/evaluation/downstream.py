@@ -138,7 +138,7 @@ def train_network(features: BackboneFeatures, refs: list[VolumeRef], cfg: Evalua
     head = build_head(tc.head, features.feature_channels, hidden=cfg.head.hidden,
                       feature_strides=features.feature_strides).to(device)
     cut, jitter = tuple(patch_size_zyx), tc.jitter
-    if tc.augment is not None:  # cut larger patches, resample each to the patch size (same jitter in voxels)
+    if tc.augment is not None:  # cut larger patches, resample each to the patch size (jitter: at most as many voxels)
         cut = context_size(patch_size_zyx, tc.augment)
         jitter = tc.jitter * min(p / c for p, c in zip(patch_size_zyx, cut))
     stream = PatchStream(refs, cut, window_hu, seed=cfg.seed + 1, foreground_prob=tc.foreground_prob,
