@@ -110,7 +110,7 @@ def _time_pretrain(cfg: PretrainConfig, batch: dict, schedule, dtype, steps: int
     from pipeline.train.step import build_model, ema_update, make_ema, train_step
 
     torch.manual_seed(0)
-    model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last_3d)
+    model = build_model(cfg.model).to(device)
     ema = make_ema(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     ddp = _ddp(model)
@@ -143,7 +143,7 @@ def pretrain_figures(cfg: PretrainConfig, steps: int, fit_steps: int, device: to
     out["pretrain_peak_gib"] = out["pretrain_bf16_peak_gib"]
 
     torch.manual_seed(0)
-    model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last_3d)
+    model = build_model(cfg.model).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     ddp = _ddp(model)
     fit = [train_step(ddp, opt, batch, cfg, schedule, cfg.optim.warmup_steps + i, torch.bfloat16).loss
@@ -170,7 +170,7 @@ def compile_figures(cfg: PretrainConfig, steps: int, device: torch.device) -> di
     schedule = DiffusionSchedule.from_config(cfg.diffusion).to(device)
     batch = _pretrain_batch(cfg, device)
     torch.manual_seed(0)
-    model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last_3d)
+    model = build_model(cfg.model).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
     compiled = torch.compile(_ddp(model))
     t0 = time.perf_counter()
@@ -256,7 +256,7 @@ def pretrain_efficiency(cfg: PretrainConfig, device: torch.device, batch_limit: 
 
     def fits(batch_size: int) -> bool:
         trial = _with_batch(cfg, batch_size)
-        net = build_model(trial.model).to(device).to(memory_format=torch.channels_last_3d)
+        net = build_model(trial.model).to(device)
         opt, data = torch.optim.AdamW(net.parameters(), lr=trial.optim.lr), _pretrain_batch(trial, device)
         for i in range(2):
             train_step(net, opt, data, trial, schedule, trial.optim.warmup_steps + i, torch.bfloat16)
