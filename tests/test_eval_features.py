@@ -105,6 +105,38 @@ def test_bank_is_deterministic_per_volume_and_cached(tmp_path):
     assert mean.shape == std.shape == (a.features.shape[1],)
 
 
+
+def test_full_disk_turns_the_bank_cache_off_instead_of_failing(tmp_path, monkeypatch):
+    import errno
+
+    import pipeline.evaluation.features as features_mod
+    from pipeline.data.patches import load_volume_refs
+
+    refs = load_volume_refs(write_tiny_corpus(tmp_path / "data", n=2), require_labels=True)
+    backbone, pcfg = _tiny_backbone(tmp_path)
+    feats = BackboneFeatures(backbone, pcfg, (0,))
+    spec = BankSpec((8, 8, 8), (-1000, 1000), windows_per_volume=2, voxels_uniform=10, voxels_per_organ=2,
+                    foreground_prob=0.67, jitter=0.25, seed=1)
+    calls = []
+
+    def full_disk(path, write):
+        calls.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(features_mod, "write_atomic", full_disk)
+    with pytest.warns(RuntimeWarning, match="no space left on device"):
+        bank = build_bank(feats, refs, spec, cache_dir=tmp_path / "cache")
+    assert len(calls) == 1                                                  # one try, then no more writes
+    assert torch.equal(bank.features, build_bank(feats, refs, spec).features)
+    assert not list((tmp_path / "cache").glob("*/*.npz"))
+
+    def other_error(path, write):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(features_mod, "write_atomic", other_error)
+    with pytest.raises(PermissionError):                                    # only a full disk is forgiven
+        build_bank(feats, refs, spec, cache_dir=tmp_path / "cache2")
+
 def test_online_probe_scores_features(tmp_path):
     from pipeline.data.patches import load_volume_refs
     from pipeline.evaluation.probe import probe_dice, split_probe_refs

@@ -12,7 +12,9 @@ train on these vectors (``FeatureBank``) in a fraction of a second per step inst
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,7 +207,8 @@ def build_bank(features: BackboneFeatures, refs: list[VolumeRef], spec: BankSpec
                cache_dir: str | Path | None = None) -> FeatureBank:
     """The feature bank of ``refs``: ``volume_bank`` of each, concatenated. With ``cache_dir``, each volume's rows
     are kept in ``cache_dir/<backbone+spec key>/<item_id>.npz`` and reused (another fold, protocol or label
-    budget on the same frozen backbone); writes are atomic."""
+    budget on the same frozen backbone); writes are atomic. A full disk turns the cache off for the rest of the
+    call (a RuntimeWarning) instead of ending the job."""
     key = None
     if cache_dir is not None:
         key = hashlib.sha256((backbone_fingerprint(features) + repr(spec)).encode()).hexdigest()[:16]
@@ -219,8 +222,16 @@ def build_bank(features: BackboneFeatures, refs: list[VolumeRef], spec: BankSpec
             continue
         bank = volume_bank(features, ref, spec)
         if path is not None:
-            write_atomic(path, lambda tmp: np.savez(tmp, features=bank.features.numpy(),
-                                                    labels=bank.labels.numpy()))
+            try:
+                write_atomic(path, lambda tmp: np.savez(tmp, features=bank.features.numpy(),
+                                                        labels=bank.labels.numpy()))
+            except OSError as e:   # the cache only saves time: a full disk must not end a long job here
+                if e.errno != errno.ENOSPC:
+                    raise
+                warnings.warn("feature-bank cache not written (no space left on device): banks are recomputed "
+                              "instead; free disk space (a bank takes ~0.1-1 GB per volume) or set bank_cache=null",
+                              RuntimeWarning, stacklevel=2)
+                key = None
         parts.append(bank)
     bank = FeatureBank(torch.cat([b.features for b in parts]), torch.cat([b.labels for b in parts]))
     if not len(bank):
