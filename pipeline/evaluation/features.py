@@ -229,7 +229,8 @@ def build_bank(features: BackboneFeatures, refs: list[VolumeRef], spec: BankSpec
                 if e.errno != errno.ENOSPC:
                     raise
                 warnings.warn("feature-bank cache not written (no space left on device): banks are recomputed "
-                              "instead; free disk space (~0.1 GB per volume and backbone in the CPU study) or set bank_cache=null",
+                              "instead; free disk space (~0.1 GB per volume and backbone in the CPU study) or "
+                              "set bank_cache=null",
                               RuntimeWarning, stacklevel=2)
                 key = None
         parts.append(bank)
