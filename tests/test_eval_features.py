@@ -105,7 +105,6 @@ def test_bank_is_deterministic_per_volume_and_cached(tmp_path):
     assert mean.shape == std.shape == (a.features.shape[1],)
 
 
-
 def test_full_disk_turns_the_bank_cache_off_instead_of_failing(tmp_path, monkeypatch):
     import errno
 
@@ -136,6 +135,7 @@ def test_full_disk_turns_the_bank_cache_off_instead_of_failing(tmp_path, monkeyp
     monkeypatch.setattr(features_mod, "write_atomic", other_error)
     with pytest.raises(PermissionError):                                    # only a full disk is forgiven
         build_bank(feats, refs, spec, cache_dir=tmp_path / "cache2")
+
 
 def test_online_probe_scores_features(tmp_path):
     from pipeline.data.patches import load_volume_refs
