@@ -137,6 +137,23 @@ def test_full_disk_turns_the_bank_cache_off_instead_of_failing(tmp_path, monkeyp
         build_bank(feats, refs, spec, cache_dir=tmp_path / "cache2")
 
 
+def test_bank_cache_bytes_bounds_what_the_cache_writes(tmp_path):
+    """The study's disk check relies on it: the bank files on disk never exceed the estimate (every window with
+    all 13 organs), and are at least the windows' uniform rows (a wrong dtype or layout breaks one side)."""
+    from pipeline.data.patches import load_volume_refs
+    from pipeline.evaluation.features import bank_cache_bytes
+
+    refs = load_volume_refs(write_tiny_corpus(tmp_path / "data", n=2), require_labels=True)
+    backbone, pcfg = _tiny_backbone(tmp_path)
+    feats = BackboneFeatures(backbone, pcfg, (0,))
+    spec = BankSpec((8, 8, 8), (-1000, 1000), windows_per_volume=3, voxels_uniform=20, voxels_per_organ=4,
+                    foreground_prob=0.67, jitter=0.25, seed=1)
+    build_bank(feats, refs, spec, cache_dir=tmp_path / "cache")
+    written = sum(f.stat().st_size for f in (tmp_path / "cache").glob("*/*.npz"))
+    channels = sum(feats.feature_channels)
+    assert bank_cache_bytes(2, spec, channels, organs=0) - 2 * 1024 <= written <= bank_cache_bytes(2, spec, channels)
+
+
 def test_online_probe_scores_features(tmp_path):
     from pipeline.data.patches import load_volume_refs
     from pipeline.evaluation.probe import probe_dice, split_probe_refs

@@ -39,6 +39,26 @@ def test_study_presets_nested_configs_validate(preset):
     assert ceiling.objective == "none" and ceiling.model.guidance == ev.ceiling_guidance == "none"
 
 
+def test_study_warns_before_its_feature_banks_fill_the_disk(tmp_path, monkeypatch):
+    """A study whose banks may not fit the free space says so in its first line (not 25 minutes later); no
+    warning with room to spare, and no need at all when no frozen-feature protocol runs or the cache is off."""
+    import shutil
+
+    from pipeline.distributed.study import bank_disk_estimate, disk_note
+
+    cfg = load_config(StudyConfig, "study-phantom-small")
+    need = bank_disk_estimate(cfg)
+    assert 9e9 < need < 20e9          # 5 variants x 15 phantoms; the measured cache took ~1.8 GB per variant
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=need // 2))
+    note = disk_note(cfg, tmp_path / "not-yet" / "study")
+    assert note.startswith("warning") and "bank_cache=null" in note and str(tmp_path) not in note
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=need * 2))
+    assert not disk_note(cfg, tmp_path).startswith("warning")
+    assert bank_disk_estimate(cfg.model_copy(update={"protocols": ("finetune",)})) == 0
+    assert bank_disk_estimate(cfg.model_copy(update={"evaluate": {**cfg.evaluate, "bank_cache": None}})) == 0
+
+
 def test_ceiling_steps_per_label_budget():
     """The preset's ceiling trains fewer steps on one or two patients than on all of them; a budget without an
     entry uses ceiling.steps; a non-positive entry is refused naming the field."""

@@ -14,6 +14,7 @@ banks are cached per volume and backbone (``workdir/banks``).
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -144,6 +145,38 @@ def evaluation_eta(took: list[float], steps: list[int]) -> str:
     return f"evaluation ETA {left / 60:.0f} min"
 
 
+def bank_disk_estimate(cfg: StudyConfig) -> int:
+    """At most how many bytes the study's feature-bank cache (``workdir/banks``) takes: one bank over every
+    labelled phantom per variant that a frozen-feature protocol reads (linear and non-linear share it); 0 when
+    no protocol reads one or ``evaluate.bank_cache`` is null."""
+    from pipeline.evaluation.downstream import bank_spec
+    from pipeline.evaluation.features import bank_cache_bytes
+    from pipeline.train.step import build_model
+
+    if not cfg.variants or not {"linear", "nonlinear"} & set(cfg.protocols) or \
+            ("bank_cache" in cfg.evaluate and cfg.evaluate["bank_cache"] is None):
+        return 0
+    ev = _evaluate_preset(cfg)
+    pt = load_config(PretrainConfig, cfg.pretrain_preset, deep_update({"data": "x"}, cfg.pretrain))
+    channels = sum(build_model(pt.model).feature_channels) * len(ev.feature_timesteps)
+    spec = bank_spec(ev, ev.patch_size_zyx or pt.patches.patch_size_zyx, pt.patches.window_hu)
+    return len(cfg.variants) * bank_cache_bytes(cfg.n_labeled, spec, channels)
+
+
+def disk_note(cfg: StudyConfig, work: Path) -> str:
+    """One line on the feature banks' disk need against the free space where they go (``work/banks`` or
+    ``evaluate.bank_cache``; its nearest existing folder): a warning when they may not fit (the cache then turns
+    itself off: slower, not fatal). Names no path."""
+    need = bank_disk_estimate(cfg)
+    target = Path(cfg.evaluate.get("bank_cache") or work / "banks").resolve()
+    free = shutil.disk_usage(next(p for p in (target, *target.parents) if p.exists())).free
+    if need <= free:
+        return f"disk: feature banks up to {need / 1e9:.1f} GB, {free / 1e9:.0f} GB free"
+    return (f"warning: the feature banks may take up to {need / 1e9:.1f} GB and their disk has {free / 1e9:.1f} GB "
+            f"free; once it is full the banks are recomputed instead of cached (slower): free space, choose another "
+            f"--workdir, or --set evaluate.bank_cache=null")
+
+
 def _pretrain_all(cfg: StudyConfig, work: Path, data: dict[str, str], stamp: str, guide_runs: dict[str, str],
                   t0: float) -> dict[str, str]:
     from pipeline.distributed.pretrain import run_pretrain
@@ -172,6 +205,7 @@ def run_study(cfg: StudyConfig) -> dict:
 
     work, t0, stamp = Path(cfg.workdir).resolve(), time.perf_counter(), time.strftime("%Y%m%d-%H%M%S")
     seconds: dict[str, float] = {}
+    _log(disk_note(cfg, work), t0)
     data = _corpora(cfg, work)
     seconds["data"] = time.perf_counter() - t0
     _log(f"corpora ready in {work / 'data'}", t0)

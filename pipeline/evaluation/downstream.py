@@ -74,6 +74,13 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+def bank_spec(cfg: EvaluateConfig, patch_size_zyx, window_hu) -> BankSpec:
+    """The feature-bank settings of the frozen-head protocols (``cfg.head``)."""
+    hc = cfg.head
+    return BankSpec(tuple(patch_size_zyx), tuple(window_hu), hc.windows_per_volume, hc.voxels_per_window,
+                    hc.voxels_per_organ, hc.foreground_prob, hc.jitter, cfg.seed + 1)
+
+
 def train_frozen_head(features: BackboneFeatures, refs: list[VolumeRef], cfg: EvaluateConfig, patch_size_zyx,
                       window_hu, val_refs: list[VolumeRef] | None = None,
                       progress: Progress | None = None) -> HeadResult:
@@ -83,8 +90,7 @@ def train_frozen_head(features: BackboneFeatures, refs: list[VolumeRef], cfg: Ev
     hc = cfg.head
     torch.manual_seed(cfg.seed)
     device = next(features.backbone.parameters()).device
-    spec = BankSpec(tuple(patch_size_zyx), tuple(window_hu), hc.windows_per_volume, hc.voxels_per_window,
-                    hc.voxels_per_organ, hc.foreground_prob, hc.jitter, cfg.seed + 1)
+    spec = bank_spec(cfg, patch_size_zyx, window_hu)
     bank = build_bank(features, refs, spec, cfg.bank_cache)
     head = build_head(cfg.protocol, features.feature_channels, hidden=hc.hidden,
                       feature_strides=features.feature_strides).to(device)

@@ -29,6 +29,7 @@ from pipeline.data.patches import PatchStream, VolumeRef, patch_coords
 from pipeline.diffusion.readout import backbone_features, read_timesteps
 from pipeline.diffusion.schedules import DiffusionSchedule
 from pipeline.io.atomic import write_atomic
+from pipeline.labels import NUM_ORGANS
 
 
 class BackboneFeatures(nn.Module):
@@ -191,6 +192,14 @@ def volume_bank(features: BackboneFeatures, ref: VolumeRef, spec: BankSpec, batc
         return FeatureBank(torch.zeros(0, sum(features.feature_channels), dtype=torch.float16),
                            torch.zeros(0, dtype=torch.long))
     return FeatureBank(torch.cat(rows), torch.cat(labels))
+
+
+def bank_cache_bytes(n_volumes: int, spec: BankSpec, feature_channels: int, organs: int = NUM_ORGANS) -> int:
+    """At most how many bytes ``build_bank`` caches for ``n_volumes`` volumes: every window holding ``organs``
+    organs (``sample_window_voxels`` rows), an fp16 feature vector and an int64 label per row, as written, plus
+    1 KiB of file overhead per volume. ``feature_channels``: ``sum(BackboneFeatures.feature_channels)``."""
+    rows = spec.windows_per_volume * (spec.voxels_uniform + organs * spec.voxels_per_organ)
+    return n_volumes * (rows * (2 * feature_channels + 8) + 1024)
 
 
 def backbone_fingerprint(features: BackboneFeatures) -> str:
