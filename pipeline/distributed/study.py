@@ -117,7 +117,7 @@ def _evaluate(cfg: StudyConfig, data: str, work: Path, variant: str, pretrain_ru
 
     over = deep_update({"data": data, "pretrain_run_id": pretrain_run, "protocol": protocol,
                         "train_cases": None if budget == "all" else budget, "compare_random_init": False,
-                        "ceiling": None, "bank_cache": str(work / "banks"), "num_cpus": cfg.num_cpus,
+                        "ceiling": None, "bank_cache": _bank_cache(cfg, work), "num_cpus": cfg.num_cpus,
                         "tracking": cfg.tracking.model_dump()}, cfg.evaluate)
     ev = load_config(EvaluateConfig, cfg.evaluate_preset, deep_update(over, extra or {}))
     out = run_evaluate(ev, backbone_name=VARIANT_NAMES[variant])
@@ -145,6 +145,12 @@ def evaluation_eta(took: list[float], steps: list[int]) -> str:
     return f"evaluation ETA {left / 60:.0f} min"
 
 
+def _bank_cache(cfg: StudyConfig, work: Path) -> str | None:
+    """Where the study caches frozen-feature banks: ``evaluate.bank_cache`` when given (null: no cache), else
+    ``work/banks``."""
+    return cfg.evaluate.get("bank_cache", str(work / "banks"))
+
+
 def bank_disk_estimate(cfg: StudyConfig) -> int:
     """At most how many bytes the study's feature-bank cache (``workdir/banks``) takes: one bank over every
     labelled phantom per variant that a frozen-feature protocol reads (linear and non-linear share it); 0 when
@@ -154,7 +160,7 @@ def bank_disk_estimate(cfg: StudyConfig) -> int:
     from pipeline.train.step import build_model
 
     if not cfg.variants or not {"linear", "nonlinear"} & set(cfg.protocols) or \
-            ("bank_cache" in cfg.evaluate and cfg.evaluate["bank_cache"] is None):
+            _bank_cache(cfg, Path(cfg.workdir)) is None:
         return 0
     ev = _evaluate_preset(cfg)
     pt = load_config(PretrainConfig, cfg.pretrain_preset, deep_update({"data": "x"}, cfg.pretrain))
@@ -168,7 +174,7 @@ def disk_note(cfg: StudyConfig, work: Path) -> str:
     ``evaluate.bank_cache``; its nearest existing folder): a warning when they may not fit (the cache then turns
     itself off: slower, not fatal). Names no path."""
     need = bank_disk_estimate(cfg)
-    target = Path(cfg.evaluate.get("bank_cache") or work / "banks").resolve()
+    target = Path(_bank_cache(cfg, work) or work / "banks").resolve()
     free = shutil.disk_usage(next(p for p in (target, *target.parents) if p.exists())).free
     if need <= free:
         return f"disk: feature banks up to {need / 1e9:.1f} GB, {free / 1e9:.0f} GB free"
